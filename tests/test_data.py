@@ -1,0 +1,221 @@
+"""Tests of data.py: the COCO panoptic format, map encodings, Shapes, the Dataset."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+# ----------------------------------------------------------------------------- format
+
+def test_rgb2id_inverts_id2rgb_over_the_whole_id_range():
+    ids = np.array([[0, 1, 255, 256], [65535, 65536, 256 ** 3 - 1, 12345678]], np.int64)
+    assert np.array_equal(data.rgb2id(data.id2rgb(ids)), ids)
+
+
+def test_panoptic_png_round_trip(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 256 ** 3, (7, 9))
+    data.write_panoptic_png(tmp_path / "x.png", ids)
+    assert np.array_equal(data.read_panoptic_png(tmp_path / "x.png"), ids)
+
+
+def test_missing_and_corrupt_png_errors_name_the_file(tmp_path):
+    with pytest.raises(data.PanopticFormatError, match="nope.png"):
+        data.read_panoptic_png(tmp_path / "nope.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(data.PanopticFormatError, match="bad.png"):
+        data.read_panoptic_png(tmp_path / "bad.png")
+
+
+def test_check_annotation_reports_both_directions_and_duplicates():
+    ids = np.array([[0, 5], [7, 7]])
+    with pytest.raises(data.PanopticFormatError, match="absent from the JSON: \\[7\\]"):
+        data.check_annotation(ids, [{"id": 5}], "f.png")
+    with pytest.raises(data.PanopticFormatError, match="absent from the PNG: \\[9\\]"):
+        data.check_annotation(ids, [{"id": 5}, {"id": 7}, {"id": 9}], "f.png")
+    with pytest.raises(data.PanopticFormatError, match="duplicate"):
+        data.check_annotation(ids, [{"id": 5}, {"id": 5}, {"id": 7}], "f.png")
+
+
+# ----------------------------------------------------------------------------- encodings
+
+@pytest.mark.parametrize("msb_first", [False, True])
+def test_bits_round_trip_and_void_is_zero_in_every_plane(msb_first):
+    ids = torch.randint(0, 128, (2, 5, 6))
+    bits = data.ids_to_bits(ids, 7, msb_first=msb_first)
+    assert bits.shape == (2, 7, 5, 6)
+    assert torch.equal(data.bits_to_ids(bits, msb_first=msb_first), ids)
+    assert torch.all(bits[:, :, ids[0] == 0][0] == 0)
+    assert set(bits[ids.unsqueeze(1).expand_as(bits) > 0].unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_ldmseg_bits_are_lsb_first_and_pdm_bits_msb_first_with_void_as_id_zero():
+    ids = torch.tensor([[[1]]])
+    assert data.ids_to_bits(ids, 3).flatten().tolist() == [1.0, -1.0, -1.0]
+    assert data.ids_to_bits(ids, 3, msb_first=True, void_zero=False).flatten().tolist() == [-1.0, -1.0, 1.0]
+    void = torch.zeros(1, 1, 1, dtype=torch.long)
+    assert data.ids_to_bits(void, 3, msb_first=True, void_zero=False).flatten().tolist() == [-1.0] * 3
+
+
+def test_remap_ids_is_injective_keeps_void_and_follows_the_generator():
+    ids = torch.arange(12).reshape(1, 3, 4).repeat(3, 1, 1)                 # ids 0..11 in 3 images
+    out = data.remap_ids(ids, 4, generator=torch.Generator().manual_seed(0))
+    for b in range(3):
+        new = out[b].flatten()[1:]
+        assert out[b, 0, 0] == 0 and len(set(new.tolist())) == 11 and new.min() >= 1 and new.max() <= 15
+    assert not torch.equal(out[0], out[1])                                   # a fresh permutation per image
+    again = data.remap_ids(ids, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="at most 7"):
+        data.remap_ids(ids, 3)
+
+
+def test_cap_segments_drops_the_smallest_segments():
+    ids = np.array([[1, 1, 1, 2, 2, 3, 0]])
+    capped, dropped = data.cap_segments(ids, 2)
+    assert dropped == 1 and capped.tolist() == [[1, 1, 1, 2, 2, 0, 0]]
+
+
+def test_nearest_resize_never_invents_labels():
+    ids = np.random.default_rng(0).integers(0, 5, (13, 17))
+    out = data.nearest_resize(ids, (40, 9))
+    assert out.shape == (40, 9) and set(np.unique(out)) <= set(np.unique(ids))
+    assert np.array_equal(data.nearest_resize(ids, (26, 34))[::2, ::2], ids)
+
+
+# ----------------------------------------------------------------------------- Shapes
+
+def test_shapes_items_are_a_pure_function_of_seed_split_index():
+    a, b = data.render_shapes_item(3, "train", 5, 64), data.render_shapes_item(3, "train", 5, 64)
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["ids"], b["ids"])
+    assert a["caption"] == b["caption"]
+    c = data.render_shapes_item(3, "val", 5, 64)
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def _touching_same_class(ids, info):
+    """True if two segments of one thing category share a 4-neighbour border."""
+    cat = {s["id"]: s["category_id"] for s in info}
+    thing = {s["id"] for s in info if s["category_id"] <= len(data.SHAPES_THINGS)}
+    pairs = set()
+    for a, b in ((ids[1:], ids[:-1]), (ids[:, 1:], ids[:, :-1])):
+        m = (a != b) & (a > 0) & (b > 0)
+        pairs |= set(zip(a[m].tolist(), b[m].tolist()))
+    return any(x in thing and y in thing and cat[x] == cat[y] for x, y in pairs)
+
+
+def test_shapes_has_touching_same_class_instances_in_a_third_of_images_and_valid_annotations():
+    items = [data.render_shapes_item(0, "train", i, 96) for i in range(60)]
+    cats = {c["id"] for c in data.shapes_categories()}
+    for it in items:
+        data.check_annotation(it["ids"], it["segments_info"], "shapes")
+        assert {s["category_id"] for s in it["segments_info"]} <= cats
+        assert it["depth"].dtype == np.uint16 and it["depth"].min() > 0
+        assert 1 <= sum(s["category_id"] <= 5 for s in it["segments_info"]) <= 8
+    assert sum(_touching_same_class(it["ids"], it["segments_info"]) for it in items) >= 20
+    assert any(s["area"] < 30 for it in items for s in it["segments_info"])     # some tiny segments
+
+
+def test_shapes_caption_counts_things_by_colour_and_class():
+    things = [dict(colour="red", kind="circle")] * 2 + [dict(colour="orange", kind="square")]
+    assert data._caption(things, ["sky", "grass"]) == "two red circles and an orange square on grass under a sky"
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    data.main(["shapes", "--out", str(root), "--size", "64", "--num-train", "6", "--num-val", "3", "--workers", "1"])
+    return root
+
+
+def test_shapes_folder_is_coco_panoptic_and_loads(shapes_root):
+    meta = json.loads((shapes_root / "annotations" / "panoptic_val.json").read_text())
+    assert len(meta["images"]) == 3 and {"isthing", "id", "name"} <= set(meta["categories"][0])
+    ds = data.shapes_dataset(shapes_root, "train", size=64, train=True)
+    item = ds[0]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["segments"].shape == (64, 64) and item["category"].shape == (64, 64)
+    assert item["depth"].shape == (64, 64) and item["depth"].max() > 1.0
+    assert set(item["segments"].unique().tolist()) - {0} == {s["id"] for s in item["segments_info"]}
+    assert item["caption"] and isinstance(item["caption"], str)
+    batch = data.collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, 64, 64) and len(batch["segments_info"]) == 2
+
+
+def test_augmentation_depends_only_on_seed_epoch_index(shapes_root):
+    ds = data.shapes_dataset(shapes_root, "train", size=48, train=True, seed=1)
+    flips = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        a, b = ds[2], ds[2]
+        assert torch.equal(a["image"], b["image"])
+        flips.append(a["image"])
+    assert any(not torch.equal(flips[0], f) for f in flips[1:])              # hflip does happen
+
+
+# ----------------------------------------------------------------------------- COCO-style fixture
+
+def _coco_fixture(root, image_modes):
+    """Write a tiny COCO-layout folder; image k has mode image_modes[k]."""
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations" / "panoptic_val2017").mkdir(parents=True)
+    images, anns = [], []
+    for k, mode in enumerate(image_modes):
+        ids = np.zeros((20, 30), np.int64)
+        ids[:, :15] = 1_000_000 + k                                          # big COCO-style ids
+        ids[5:15, 18:28] = 2_000_000
+        ids[0, 29] = 3_000_000                                               # tiny segment (1 px)
+        ids[18:, :4] = 4_000_000                                             # crowd
+        data.write_panoptic_png(root / "annotations" / "panoptic_val2017" / f"{k}.png", ids)
+        rgb = np.random.default_rng(k).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+        Image.fromarray(rgb).convert(mode).save(root / "val2017" / f"{k}.{'jpg' if mode == 'CMYK' else 'png'}")
+        info = data.make_segments_info(ids, {2_000_000: 7}, crowd=[4_000_000])
+        images.append({"id": k, "file_name": f"{k}.{'jpg' if mode == 'CMYK' else 'png'}", "width": 30, "height": 20})
+        anns.append({"image_id": k, "file_name": f"{k}.png", "segments_info": info})
+    cats = [{"id": 1, "name": "a", "isthing": 1}, {"id": 7, "name": "b", "isthing": 0}]
+    (root / "annotations" / "panoptic_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+
+def test_coco_fixture_loads_any_image_mode_and_applies_training_cleanup(tmp_path):
+    _coco_fixture(tmp_path, ["RGB", "L", "RGBA", "P", "CMYK", "LA"])
+    ev = data.shapes_dataset(tmp_path, "val", size=None)
+    tr = data.shapes_dataset(tmp_path, "val", size=None, train=True, hflip=False)
+    for k in range(6):
+        e, t = ev[k], tr[k]
+        assert e["image"].shape == (3, 20, 30)
+        assert len(e["segments_info"]) == 4 and len(t["segments_info"]) == 2   # crowd + tiny dropped for training
+        assert t["segments"][19, 0] == 0 and e["segments"][19, 0] > 0
+        assert e["category"][10, 20] == 7
+
+
+def test_exif_rotated_image_is_upright(tmp_path):
+    _coco_fixture(tmp_path, ["RGB"])
+    path = tmp_path / "val2017" / "0.png"
+    im = Image.open(path).rotate(90, expand=True)                              # stored sideways (30x20 -> 20x30)
+    exif = Image.Exif()
+    exif[0x0112] = 8                                                          # orientation: rotate 90 CW to view
+    im.save(path, exif=exif)
+    assert data.read_image(path).size == (30, 20)
+
+
+def test_png_disagreeing_with_json_names_the_file(tmp_path):
+    _coco_fixture(tmp_path, ["RGB"])
+    data.write_panoptic_png(tmp_path / "annotations" / "panoptic_val2017" / "0.png", np.full((20, 30), 99))
+    ds = data.shapes_dataset(tmp_path, "val")
+    with pytest.raises(data.PanopticFormatError, match="0.png.*absent"):
+        ds[0]
+
+
+def test_real_coco_sample_loads_when_present():
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-val2017-sample"
+    if not root.exists():
+        pytest.skip("shared COCO sample not beside this checkout")
+    ds = data.shapes_dataset(root, "val", size=64)
+    item = ds[0]
+    assert item["image"].shape == (3, 64, 64) and item["caption"]
