@@ -590,8 +590,9 @@ class PanopticDataset(torch.utils.data.Dataset):
 
     def __init__(self, files: SplitFiles, *, size: int | tuple[int, int] | None = 128, train: bool = False,
                  hflip: bool | None = None, resize_mode: str = "stretch", min_segment_area: int = 10,
-                 max_segments: int | None = None, seed: int = 0):
+                 max_segments: int | None = None, crop: int = 0, seed: int = 0):
         self.files, self.train, self.seed, self.epoch = files, train, seed, 0
+        self.crop = crop                                  # random crop side after resizing (0 = none)
         self.size = (size, size) if isinstance(size, int) else size
         self.hflip = train if hflip is None else hflip
         self.resize_mode = resize_mode                    # 'stretch' (LDMSeg) or 'center_crop' (PDM)
@@ -669,6 +670,8 @@ class PanopticDataset(torch.utils.data.Dataset):
             image = image.resize(self.size[::-1], Image.BICUBIC)
             contig, category = nearest_resize(contig, self.size), nearest_resize(category, self.size)
             depth = None if depth is None else nearest_resize(depth, self.size)
+        if self.crop:
+            image, contig, category, depth = self._random_crop(idx, image, contig, category, depth)
         contig, info = self._cap(contig, info)
         img = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
         out = {"image": img, "segments": torch.from_numpy(contig.astype(np.int64)),
@@ -684,6 +687,17 @@ class PanopticDataset(torch.utils.data.Dataset):
         out.update(segments_info=info, caption=caps[int(rng.integers(len(caps)))] if self.train else caps[0],
                    image_id=im_meta["id"], file_name=im_meta["file_name"], orig_size=(H0, W0))
         return out
+
+    def _random_crop(self, idx, image, contig, category, depth):
+        """A crop x crop window at a position drawn from (seed, epoch, idx); all maps cut alike."""
+        H, W = contig.shape
+        if self.crop > min(H, W):
+            raise ValueError(f"crop {self.crop} is larger than the {H}x{W} images")
+        rng = np.random.default_rng([self.seed, self.epoch, idx, 2])
+        top, left = int(rng.integers(H - self.crop + 1)), int(rng.integers(W - self.crop + 1))
+        box = (slice(top, top + self.crop), slice(left, left + self.crop))
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        return image, contig[box], category[box], None if depth is None else depth[box]
 
     def _depth(self, im_meta: dict, box: tuple[int, int, int, int]) -> np.ndarray | None:
         """uint16 millimetre PNG -> float metres, cropped to box; None when the folder has no depth."""

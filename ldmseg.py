@@ -1,0 +1,1342 @@
+# SPDX-License-Identifier: MIT
+"""
+ldmseg.py -- LDMSeg: panoptic segmentation as image-conditioned latent diffusion.
+
+Implements Van Gansbeke & De Brabandere, "A Simple Latent Diffusion Approach for Panoptic
+Segmentation and Mask Inpainting", arXiv 2401.10227 (ECCV 2024). Paper and official-code details are
+summarised in docs/papers/ldmseg.md ("LDMSeg brief §x.y" below). Two frozen autoencoders turn a
+panoptic map and its RGB image into 4-channel latents at 1/8 resolution; a Stable-Diffusion UNet
+learns to denoise the map latent given the image latent.
+
+Contents (`grep -n '^# [0-9]' ldmseg.py`)
+  1. Shared layers                 LayerNorm2d, attention (SDPA beside the explicit softmax),
+                                   2x down / up sampling convs, the diagonal-Gaussian posterior
+  2. Mask autoencoder              [LDMSeg brief §2.2] stage 1: K analog bits -> 4 x H/8 x W/8 ->
+                                   2^K logits at H/2; MaskAEConfig, MaskAutoencoder
+  3. Point sampling                [PointRend; Mask2Former] uncertainty-driven point selection
+  4. Mask autoencoder losses       [LDMSeg brief §2.3] point-sampled CE + per-segment BCE + Dice + KL
+  5. Image autoencoder             [LDM, Rombach et al. 2022] Stable Diffusion's KL-f8 VAE with the
+                                   CompVis parameter names; ImageAEConfig, ImageAutoencoder, vae_loss
+  6. UNet layers                   [SD-1.x UNet] timestep embedding, ResNet block, transformer block
+                                   (self-attention, optional cross-attention, GEGLU)
+  7. UNet                          [SD-1.x UNet; LDMSeg brief §3.2] down / mid / up blocks with skips,
+                                   diffusers' UNet2DConditionModel parameter names; UNetConfig, UNet
+  8. LDMSeg model                  [LDMSeg brief §3] concat conditioning, zero-initialised new input
+                                   channels, self-conditioning, min-SNR-gamma weights, void-masked
+                                   loss, learnable task embeddings
+  9. Decoding                      [LDMSeg brief §4] logits -> panoptic segments (argmax + thresholds)
+ 10. Mask inpainting               [LDMSeg brief §5] zero-shot, known latents kept during sampling
+ 11. Weight loading                Stable Diffusion / diffusers / CompVis checkpoints by name
+
+Run
+  Nothing to run here: train.py trains the models, sample.py samples them, evaluate.py scores them.
+  python -m pytest tests/test_ldmseg_modules.py   checks the building blocks (sections 1-7).
+
+Shape legend
+  B batch, C channels, H,W pixels, h,w latent (H/8, W/8), K bits, N tokens, D width,
+  P sampled points, M segment masks in a batch, t a (B,) timestep tensor.
+  Bits are float32 in {-1, +1} with void = 0; ids are int64 with 0 = void; images are in [-1, 1].
+
+Presets (every config has `.preset(name)`): `coco` is the paper's model (mask AE 2,023,208 params,
+SD KL-f8 image AE 83,653,863 params, SD-1.x UNet), `shapes` trains on a CPU in minutes on 128x128
+Shapes images, `tiny` is what the tests use.
+
+Deviations from the paper / official code (and why)
+  * DEVIATION: the mask loss divides by the number of masks in the local batch; the official code
+    all-reduces that count over GPUs first. Identical on one device; under DDP each process then
+    weighs its own masks (a small change in relative weighting, not in the optimum).
+  * DEVIATION: the `shapes` / `tiny` presets use narrower networks, fewer bits (Shapes has at most
+    12 segments) and fewer loss points (12,544 scaled by image area: 784 at 128^2, 49 at 32^2).
+  * DEVIATION: the image autoencoder is trained here (on Shapes, when no SD weights are given) with
+    L1 + tiny KL only; Stable Diffusion adds LPIPS and a patch GAN. Shapes images are flat colours
+    and simple textures, for which L1 alone reconstructs well; real SD weights load unchanged.
+  * QUIRK: the mask AE is trained with the sampled posterior while its KL weight is 0 (sigma is
+    never regularised); diffusion uses the posterior mean [LDMSeg brief §2.3, §8.11].
+  * DEVIATION: point sampling extends maps by their border values where the official code pads
+    with zeros (which damps logits and soft targets at the image border; see `point_sample`).
+
+Left out
+  The official code's unused options (codebook / Gumbel bottlenecks, mid blocks in the mask AE,
+  RGB fusion, Hungarian matching) and UNet2DConditionModel features SD-1.x does not use (class
+  embeddings, linear projections, attention up-casting, other block types).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from data import ids_to_bits
+from sample import (NoiseSchedule, ddim_sample, ddpm_sample, dpm_solver_pp_sample,
+                    predict_x0_from_eps)
+
+
+def _as_tuples(config) -> None:
+    """Turn every list field of a dataclass into a tuple (in place).
+
+    Checkpoints store configs as plain dicts and JSON turns tuples into lists; converting back here
+    makes `Config(**dataclasses.asdict(c)) == c` hold whichever way the dict travelled.
+    """
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, list):
+            setattr(config, f.name, tuple(value))
+
+
+def _preset(cls, presets: dict[str, dict], name: str):
+    """Build `cls` from the named preset's overrides of the defaults (the defaults are `coco`)."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r} for {cls.__name__}; choose from {sorted(presets)}")
+    return cls(**presets[name])
+
+
+# -----------------------------------------------------------------------------
+# 1. Shared layers                                  [Stable Diffusion; detectron2; Vaswani 2017]
+# -----------------------------------------------------------------------------
+# Pieces used by more than one model below. Randomness always comes from an explicit generator; noise
+# is drawn on the generator's own device and then moved, so a CPU generator gives the same numbers
+# whether the model runs on a CPU or a GPU.
+
+
+def _randn(shape, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """N(0, I) noise of `shape` with the dtype and device of `like`, drawn from `generator`."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def _rand(shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """U[0, 1) float32 numbers of `shape` on `device`, drawn from `generator`."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map  [detectron2 / ConvNeXt].
+
+    Unlike GroupNorm(1, C) it normalises each pixel on its own, not the whole map, so a pixel's
+    features do not depend on the rest of the image. The LDMSeg mask decoder uses it after every
+    transposed convolution [LDMSeg brief §2.2].
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(1, keepdim=True)                                    # (B, 1, H, W)
+        var = (x - mean).pow(2).mean(1, keepdim=True)                     # biased, as LayerNorm
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, use_sdpa: bool = True) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v   [Vaswani et al. 2017, Eq. 1]
+
+    q: (B, nh, Nq, d), k and v: (B, nh, Nk, d), any float dtype  ->  (B, nh, Nq, d).
+    use_sdpa=True calls PyTorch's fused kernel (flash / memory-efficient on GPUs); False runs the
+    explicit formula below, which is what the fused kernel computes and what a reader should read.
+    """
+    if use_sdpa:
+        return F.scaled_dot_product_attention(q, k, v)
+    scale = q.shape[-1] ** -0.5
+    weights = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)   # (B, nh, Nq, Nk)
+    return weights @ v                                                    # (B, nh, Nq, d)
+
+
+def set_attention_backend(model: nn.Module, use_sdpa: bool) -> None:
+    """Switch every attention layer inside `model` between SDPA and the explicit reference path."""
+    for module in model.modules():
+        if hasattr(module, "use_sdpa"):
+            module.use_sdpa = use_sdpa
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a 3x3 stride-2 convolution (C -> C).
+
+    Stable Diffusion's UNet pads 1 pixel on every side. Its autoencoder pads only right and bottom,
+    (0, 1, 0, 1), and convolves without padding -- a QUIRK of the CompVis code, kept because it is
+    what the released weights were trained with (the two differ by a one-pixel shift).
+    """
+
+    def __init__(self, channels: int, asymmetric_pad: bool = False):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))                                    # (B, C, H, W) -> (B, C, H+1, W+1)
+        return self.conv(x)                                               # -> (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour x2, then a 3x3 convolution (C -> C)  [SD UNet and VAE].
+
+    `size` forces the output size, for a UNet whose skip tensor has an odd size.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")        # (B, C, H, W) -> (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")               # (B, C, H, W) -> (B, C, *size)
+        return self.conv(x)
+
+
+# Both autoencoders are "KL" autoencoders [Kingma & Welling 2014; LDM §3]: the encoder outputs the
+# mean and log-variance of a diagonal Gaussian q(z | x); training decodes a sample of it, diffusion
+# uses its mean.
+
+
+def split_moments(moments: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, 2C, h, w) encoder output -> mean, logvar, each (B, C, h, w).
+
+    logvar is clamped to [-30, 20] as in the CompVis / diffusers / LDMSeg code: exp(0.5 logvar) then
+    stays finite in float32 (and fp16) whatever the encoder outputs early in training.
+    """
+    mean, logvar = moments.chunk(2, dim=1)                                # (B, 2C, h, w) -> 2 x (B, C, h, w)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def sample_gaussian(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Reparameterised sample z = mean + exp(logvar / 2) * eps, eps ~ N(0, I)  [Kingma & Welling §2.4]."""
+    return mean + torch.exp(0.5 * logvar) * _randn(mean.shape, generator, mean)
+
+
+def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)), summed over (C, h, w): (B, C, h, w) x2 -> (B,).
+
+    0.5 * sum(mean^2 + var - 1 - logvar)   [Kingma & Welling 2014, App. B]
+    """
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)               # (B, C, h, w)
+    return kl.flatten(1).sum(1)                                           # (B, C, h, w) -> (B,)
+
+
+# -----------------------------------------------------------------------------
+# 2. Mask autoencoder (stage 1)                     [LDMSeg brief §2.2; official vae.py]
+# -----------------------------------------------------------------------------
+# A deliberately shallow convolutional autoencoder. The encoder maps K analog-bit planes (one per
+# bit of a randomly remapped segment id, void = 0) to a 4-channel latent at 1/8 resolution, the
+# same shape as Stable Diffusion's image latent so both can be concatenated for the UNet. The
+# decoder predicts one logit per possible id (2^K channels) at 1/2 resolution; the last x2 is a
+# bilinear upsampling applied only at decode time [LDMSeg brief §2.2, §8.12]. Channel k means
+# "this pixel has id k": the ids were random, so the map must be reproduced id for id.
+#
+# The layers sit in two nn.Sequential with exactly the official layout (including the Identity
+# placeholders for the unused mid blocks), so the parameter names -- encoder.0.weight, ...,
+# decoder.10.bias -- are those of the released LDMSeg autoencoder checkpoint.
+
+
+@dataclass
+class MaskAEConfig:
+    """Mask autoencoder and its loss. Defaults = the paper's COCO model (`coco` preset)."""
+
+    num_bits: int = 7                                  # K bit planes in; 2^K id logits out  [PAPER: 7 -> 128]
+    block_channels: tuple[int, ...] = (32, 64, 128, 256)  # encoder width per resolution; len-1 stride-2 convs  [PAPER]
+    mid_channels: int = 256                            # encoder width at the latent resolution (code: int_channels)  [PAPER]
+    latent_channels: int = 4                           # channels of the latent z, as SD's image latent  [PAPER]
+    num_upsamplers: int = 2                            # ConvTranspose x2 stages; logits at stride 8 / 2^n  [PAPER: 2 -> H/2]
+    upsample_channels: int = 256                       # width of the decoder's upsampling stages  [PAPER]
+    norm_groups: int = 32                              # groups of the GroupNorms  [PAPER]
+    scale_factor: float = 0.18215                      # s: diffusion sees s * mean; not applied inside the module  [PAPER]
+    num_points: int = 12544                            # points per image (CE) / per mask (BCE + Dice)  [PAPER: 112^2 at 512^2]
+    oversample_ratio: int = 3                          # candidates = ratio * num_points, scored by uncertainty  [PAPER]
+    importance_ratio: float = 0.75                     # share of points chosen by uncertainty; the rest uniform  [PAPER]
+    ce_weight: float = 1.0                             # weight of the point-sampled cross-entropy  [PAPER]
+    mask_weight: float = 1.0                           # weight of the per-segment BCE + Dice  [PAPER]
+    kl_weight: float = 0.0                             # weight of the KL term; weight decay bounds z instead  [PAPER: 0]
+
+    _PRESETS: ClassVar[dict[str, dict]] = {
+        "coco": {},
+        # 128^2 Shapes images, <= 12 segments: 6 bits (63 ids), widths 16..64 instead of 32..256.
+        # Points scale with image area: 12544 * (128 / 512)^2 = 784.
+        "shapes": dict(num_bits=6, block_channels=(16, 32, 64, 64), mid_channels=64,
+                       upsample_channels=64, norm_groups=16, num_points=784),
+        # 32^2 test images: 12544 * (32 / 512)^2 = 49 points.
+        "tiny": dict(num_bits=4, block_channels=(8, 8, 16, 16), mid_channels=16,
+                     upsample_channels=16, norm_groups=4, num_points=49),
+    }
+
+    def __post_init__(self):
+        _as_tuples(self)
+
+    @classmethod
+    def preset(cls, name: str) -> "MaskAEConfig":
+        """`coco` (the paper's), `shapes` or `tiny`."""
+        return _preset(cls, cls._PRESETS, name)
+
+    @property
+    def num_classes(self) -> int:
+        """Output logit channels, one per id 0..2^K-1 (0 = void)."""
+        return 2 ** self.num_bits
+
+
+def _mask_encoder_layers(cfg: MaskAEConfig) -> list[nn.Module]:
+    """The encoder, layer for layer as the LDMSeg brief §2.2 table (indices = checkpoint names)."""
+    widths = cfg.block_channels
+    layers: list[nn.Module] = [nn.Conv2d(cfg.num_bits, widths[0], 3, padding=1), nn.SiLU()]
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        # QUIRK: a same-width conv without activation, then the stride-2 conv with SiLU -- so two
+        # convolutions are composed linearly; kept because the released weights are laid out so.
+        layers += [nn.Conv2d(c_in, c_in, 3, padding=1),
+                   nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
+    layers += [nn.Conv2d(widths[-1], cfg.mid_channels, 3, padding=1),
+               nn.Identity(),                                             # mid blocks: none  [PAPER]
+               nn.GroupNorm(cfg.norm_groups, cfg.mid_channels, eps=1e-6), nn.SiLU(),
+               nn.Conv2d(cfg.mid_channels, 2 * cfg.latent_channels, 3, padding=1)]  # mean | logvar
+    return layers
+
+
+def _mask_decoder_layers(cfg: MaskAEConfig) -> list[nn.Module]:
+    """The decoder: conv to width, [ConvTranspose 2x2 s2 -> LayerNorm2d -> SiLU] x n, GN-SiLU-conv."""
+    layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, cfg.mid_channels, 3, padding=1),
+                               nn.Identity()]                             # mid block: none  [PAPER]
+    width = cfg.mid_channels
+    for _ in range(cfg.num_upsamplers):
+        layers += [nn.ConvTranspose2d(width, cfg.upsample_channels, 2, stride=2),
+                   LayerNorm2d(cfg.upsample_channels), nn.SiLU()]
+        width = cfg.upsample_channels
+    # QUIRK: this GroupNorm keeps PyTorch's eps 1e-5 while the encoder's uses 1e-6, as the official code.
+    layers += [nn.GroupNorm(cfg.norm_groups, width), nn.SiLU(),
+               nn.Conv2d(width, cfg.num_classes, 3, padding=1)]
+    return layers
+
+
+class MaskAutoencoder(nn.Module):
+    """LDMSeg's stage-1 autoencoder: analog bits (B, K, H, W) <-> latent (B, 4, H/8, W/8).  [LDMSeg brief §2.2]
+
+    H and W should be multiples of 8 (of 2^(len(block_channels)-1) in general).
+    """
+
+    def __init__(self, config: MaskAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = nn.Sequential(*_mask_encoder_layers(config))
+        self.decoder = nn.Sequential(*_mask_decoder_layers(config))
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent cell along each axis (8 for every preset)."""
+        return 2 ** (len(self.config.block_channels) - 1)
+
+    @property
+    def logit_stride(self) -> int:
+        """Pixels per logit of `decode` along each axis (2: the decoder stops at H/2)."""
+        return self.downsample_factor // 2 ** self.config.num_upsamplers
+
+    def encode(self, bits: Tensor) -> tuple[Tensor, Tensor]:
+        """bits (B, K, H, W) float in {-1, 0, +1}  ->  mean, logvar, each (B, 4, H/8, W/8)."""
+        return split_moments(self.encoder(bits))                         # (B, 8, h, w) -> 2 x (B, 4, h, w)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (B, 4, h, w)  ->  logits (B, 2^K, H/2, W/2), one channel per id (0 = void)."""
+        return self.decoder(z)
+
+    def decode_full(self, z: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """z (B, 4, h, w)  ->  logits (B, 2^K, H, W), or at `size` if given.
+
+        The remaining x2 is a bilinear interpolation (align_corners=False), applied only at decode
+        time; training scores the H/2 logits directly through point sampling [LDMSeg brief §2.2].
+        """
+        logits = self.decode(z)                                           # (B, 2^K, H/2, W/2)
+        if size is None:
+            size = (z.shape[-2] * self.downsample_factor, z.shape[-1] * self.downsample_factor)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # -> (B, 2^K, *size)
+
+    def forward(self, bits: Tensor, generator: torch.Generator | None = None,
+                sample_posterior: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Training pass: bits (B, K, H, W) -> (logits (B, 2^K, H/2, W/2), mean, logvar (B, 4, h, w)).
+
+        sample_posterior=True decodes z = mean + sigma * eps (eps from `generator`), as the official
+        training; False decodes the mean.
+        """
+        mean, logvar = self.encode(bits)                                  # 2 x (B, 4, h, w)
+        z = sample_gaussian(mean, logvar, generator) if sample_posterior else mean
+        return self.decode(z), mean, logvar
+
+
+# -----------------------------------------------------------------------------
+# 3. Point sampling                                 [PointRend, Kirillov et al. 2020; Mask2Former]
+# -----------------------------------------------------------------------------
+# The mask AE is not scored on every pixel but on P points per image (or per mask), most of them
+# where the prediction is least certain -- segment borders -- and a few uniformly everywhere:
+#   1. draw oversample_ratio * P uniform candidate points in the unit square;
+#   2. read the logits at the candidates (bilinear) and score each with an uncertainty function;
+#   3. keep the importance_ratio * P most uncertain candidates ...
+#   4. ... and add (1 - importance_ratio) * P fresh uniform points.
+# The uncertainty is scored on the *interpolated* logits at each point, not interpolated from
+# per-pixel scores: a point midway between logits -1 and +1 has logit 0, the most uncertain value.
+# Points are continuous, so the low-resolution logits (H/2) and the full-resolution targets (H) are
+# read at exactly the same places; this is how the loss reaches full resolution without ever
+# upsampling the logits.
+#
+# Coordinates are (x, y) in [0, 1]^2 -- x along the width -- the convention of grid_sample after
+# the map [0, 1] -> [-1, 1], with align_corners=False (0 and 1 are the outer pixel edges).
+
+
+def point_sample(values: Tensor, coords: Tensor, mode: str = "bilinear") -> Tensor:
+    """Read a map at continuous points.  values (N, C, H, W), coords (N, P, 2) (x, y) in [0, 1]  ->  (N, C, P).
+
+    mode="bilinear" for logits and soft masks, "nearest" for integer ids (pass them as float).
+    Computed and returned in float32, so bf16 / fp16 inputs are read at exactly the same places as
+    the float32 targets (a bf16 coordinate is off by up to 1/256 of the image).
+    DEVIATION: outside the outer pixel centres the map is extended by its edge values
+    (padding_mode="border"); the official code pads with zeros, which pulls logits within half a
+    pixel of the image border towards 0 and soft targets towards 1/2. A perfect prediction then
+    still pays a loss there, and importance sampling -- which hunts for logits near 0 -- spends
+    more and more of its points on that border band as the model gets confident.
+    """
+    grid = 2.0 * coords.unsqueeze(2) - 1.0                                # (N, P, 2) -> (N, P, 1, 2) in [-1, 1]
+    out = F.grid_sample(values.float(), grid.float(), mode=mode, padding_mode="border",
+                        align_corners=False)                              # (N, C, P, 1)
+    return out.squeeze(3)                                                 # (N, C, P, 1) -> (N, C, P)
+
+
+def uncertainty_top2(point_logits: Tensor) -> Tensor:
+    """Multi-class uncertainty: second-best minus best logit (<= 0; 0 = a tie).  (N, C, P) -> (N, P)
+
+    [PointRend App.; LDMSeg brief §2.3] -- used for the cross-entropy points.
+    """
+    top2 = point_logits.topk(2, dim=1).values                             # (N, C, P) -> (N, 2, P)
+    return top2[:, 1] - top2[:, 0]
+
+
+def uncertainty_abs(point_logits: Tensor) -> Tensor:
+    """Binary uncertainty: -|logit| (<= 0; 0 = probability 1/2).  (N, 1, P) -> (N, P)  [Mask2Former]"""
+    return -point_logits[:, 0].abs()
+
+
+@torch.no_grad()
+def sample_uncertain_points(logits: Tensor, uncertainty: Callable[[Tensor], Tensor], num_points: int,
+                            oversample_ratio: int, importance_ratio: float,
+                            generator: torch.Generator | None = None) -> Tensor:
+    """PointRend's training-point selection (steps 1-4 above).  logits (N, C, h, w)  ->  coords (N, P, 2).
+
+    coords[:, :n_imp] are the n_imp = int(importance_ratio * P) most uncertain of the
+    oversample_ratio * P candidates, coords[:, n_imp:] the P - n_imp uniform ones. No gradient:
+    where to look is not learned.
+    """
+    N = logits.shape[0]
+    num_candidates = int(oversample_ratio * num_points)
+    num_importance = int(importance_ratio * num_points)
+    candidates = _rand((N, num_candidates, 2), generator, logits.device)  # step 1: (N, P*r, 2)
+    scores = uncertainty(point_sample(logits, candidates))                # step 2: (N, C, P*r) -> (N, P*r)
+    top = scores.topk(num_importance, dim=1).indices                      # step 3: (N, n_imp)
+    chosen = candidates.gather(1, top.unsqueeze(2).expand(-1, -1, 2))     # (N, n_imp, 2)
+    uniform = _rand((N, num_points - num_importance, 2), generator, logits.device)  # step 4
+    return torch.cat([chosen, uniform], dim=1)                            # (N, P, 2)
+
+
+# -----------------------------------------------------------------------------
+# 4. Mask autoencoder losses                        [LDMSeg brief §2.3; official losses.py]
+# -----------------------------------------------------------------------------
+#   L = ce_weight * L_ce + mask_weight * (L_bce + L_dice) + kl_weight * L_kl      [PAPER: 1, 1, 0]
+# L_ce   softmax cross-entropy over the 2^K ids at P points per image chosen by top-2 uncertainty;
+#        targets read *nearest* from the full-resolution id map; void (id 0) ignored -- but channel 0
+#        stays in the softmax, so the model may still put probability on "void".
+# L_bce, L_dice  one binary problem per segment present (logit channel k vs. the mask id == k), P
+#        points per mask chosen by -|logit|; targets read *bilinearly* from the float mask, hence
+#        soft at borders. Summed over masks, divided by the number of masks (Mask2Former's mask loss
+#        without Hungarian matching: the bits already fix which channel is which segment).
+# L_kl   KL(q(z|x) || N(0, I)) summed over the latent, averaged over the batch.
+
+
+def point_ce_loss(logits: Tensor, target_ids: Tensor, config: MaskAEConfig,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Point-sampled softmax cross-entropy.  [LDMSeg brief §2.3; PointRend]
+
+    logits: (B, 2^K, H/2, W/2) float; target_ids: (B, H, W) int64 in 0..2^K-1, 0 = void (ignored).
+    Returns a scalar: mean CE over the non-void points (0 with a gradient path if there are none).
+    """
+    coords = sample_uncertain_points(logits, uncertainty_top2, config.num_points,
+                                     config.oversample_ratio, config.importance_ratio, generator)
+    with torch.no_grad():
+        ids = target_ids.unsqueeze(1).float()                             # (B, H, W) -> (B, 1, H, W)
+        labels = point_sample(ids, coords, mode="nearest")[:, 0].round().long()  # (B, 1, P) -> (B, P)
+    point_logits = point_sample(logits, coords)                           # (B, 2^K, P)
+    if not (labels != 0).any():
+        # Numerical guard: cross_entropy with every target ignored is 0/0 = NaN.
+        return point_logits.sum() * 0.0
+    return F.cross_entropy(point_logits, labels, ignore_index=0)
+
+
+def segment_masks(target_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Split each id map into one binary mask per non-void id present.
+
+    target_ids: (B, H, W) int64.  Returns batch_index (M,), ids (M,), masks (M, 1, H, W) float32.
+    """
+    batch_index, ids = [], []
+    for b in range(target_ids.shape[0]):
+        present = torch.unique(target_ids[b])
+        present = present[present != 0]                                  # void is not a segment
+        batch_index.append(torch.full_like(present, b))
+        ids.append(present)
+    batch_index, ids = torch.cat(batch_index), torch.cat(ids)             # (M,), (M,)
+    masks = (target_ids[batch_index] == ids[:, None, None]).float()       # (M, H, W)
+    return batch_index, ids, masks.unsqueeze(1)                           # -> (M, 1, H, W)
+
+
+def point_mask_loss(logits: Tensor, target_ids: Tensor, config: MaskAEConfig,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Per-segment BCE and Dice at uncertain points.  [LDMSeg brief §2.3; Mask2Former §3.2]
+
+    logits: (B, 2^K, H/2, W/2); target_ids: (B, H, W) int64, 0 = void.
+    Returns (bce, dice), scalars, each summed over masks / number of masks (>= 1).
+    """
+    batch_index, ids, masks = segment_masks(target_ids)                   # (M,), (M,), (M, 1, H, W)
+    if len(ids) == 0:
+        zero = logits.sum() * 0.0                                         # an all-void batch: no masks
+        return zero, zero
+    mask_logits = logits[batch_index, ids].unsqueeze(1)                   # (M, 1, H/2, W/2)
+    coords = sample_uncertain_points(mask_logits, uncertainty_abs, config.num_points,
+                                     config.oversample_ratio, config.importance_ratio, generator)
+    with torch.no_grad():
+        targets = point_sample(masks, coords)[:, 0]                       # (M, 1, P) -> (M, P), soft
+    point_logits = point_sample(mask_logits, coords)[:, 0]                # (M, 1, P) -> (M, P)
+    num_masks = max(len(ids), 1)
+    bce = F.binary_cross_entropy_with_logits(point_logits, targets, reduction="none").mean(1)  # (M,)
+    probs = point_logits.sigmoid()
+    # Dice with +1 in numerator and denominator (Mask2Former): a tiny mask missed entirely costs < 1
+    # instead of a division by ~0.
+    dice = 1.0 - (2.0 * (probs * targets).sum(1) + 1.0) / (probs.sum(1) + targets.sum(1) + 1.0)  # (M,)
+    return bce.sum() / num_masks, dice.sum() / num_masks
+
+
+def mask_ae_loss(logits: Tensor, target_ids: Tensor, mean: Tensor, logvar: Tensor,
+                 config: MaskAEConfig, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """The stage-1 objective.  [LDMSeg brief §2.3]
+
+    logits: (B, 2^K, H/2, W/2) from MaskAutoencoder.forward; target_ids: (B, H, W) int64 (the
+    remapped ids the bits were made from, 0 = void); mean, logvar: (B, 4, h, w).
+    Returns scalars 'loss' (weighted total), 'ce', 'bce', 'dice', 'mask' (= bce + dice), 'kl'.
+    """
+    ce = point_ce_loss(logits, target_ids, config, generator)
+    bce, dice = point_mask_loss(logits, target_ids, config, generator)
+    kl = kl_to_standard_normal(mean, logvar).mean()                       # (B,) -> scalar
+    loss = config.ce_weight * ce + config.mask_weight * (bce + dice) + config.kl_weight * kl
+    return {"loss": loss, "ce": ce, "bce": bce, "dice": dice, "mask": bce + dice, "kl": kl}
+
+
+# -----------------------------------------------------------------------------
+# 5. Image autoencoder (Stable Diffusion KL-f8)     [LDM, Rombach et al. 2022, §3 / App. G]
+# -----------------------------------------------------------------------------
+# The autoencoder of Stable Diffusion v1: x (B, 3, H, W) in [-1, 1] <-> z (B, 4, H/8, W/8).
+# Encoder: conv_in, then per level num_res_blocks ResNet blocks and (but the last level) a
+# downsampling conv; a mid stage of ResNet - single-head self-attention - ResNet; GroupNorm - SiLU -
+# conv to the 2 x 4 moments; quant_conv (1x1). The decoder mirrors it with one more ResNet block per
+# level and nearest x2 + conv upsampling. Parameter names are those of the original CompVis
+# checkpoint (encoder.down.0.block.0.norm1.weight, ...), so SD weights load by name; diffusers'
+# AutoencoderKL holds the same tensors under other names (and its attention as Linear layers).
+# LDMSeg keeps this network frozen and uses the posterior mean times 0.18215 [LDMSeg brief §3.1];
+# the scale factor is a config value, applied by the caller.
+
+
+@dataclass
+class ImageAEConfig:
+    """KL-f8 image autoencoder. Defaults = Stable Diffusion v1's (`coco` preset)."""
+
+    in_channels: int = 3                               # image channels in (RGB in [-1, 1])
+    out_channels: int = 3                              # image channels out
+    ch: int = 128                                      # base width; level i has ch * ch_mult[i]  [SD: 128]
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)            # width multipliers; len-1 downsamplings -> f8  [SD]
+    num_res_blocks: int = 2                            # ResNet blocks per encoder level (decoder: +1)  [SD: 2]
+    latent_channels: int = 4                           # channels of z (CompVis z_channels = embed_dim)  [SD: 4]
+    norm_groups: int = 32                              # GroupNorm groups (eps is 1e-6 throughout)  [SD: 32]
+    dropout: float = 0.0                               # dropout inside ResNet blocks  [SD: 0]
+    scale_factor: float = 0.18215                      # s_i: diffusion sees s_i * mean; not applied inside  [SD; LDMSeg]
+    kl_weight: float = 1e-6                            # KL weight relative to the summed L1 when training  [LDM: 1e-6]
+
+    _PRESETS: ClassVar[dict[str, dict]] = {
+        "coco": {},
+        # Still f8 with 4 latent channels, sized for a CPU on 128^2 Shapes images: the full-
+        # resolution level dominates the cost, so it is narrow (16) and the low levels are wider.
+        # 7.7 GFLOP per image for forward + backward (ch=32, ch_mult (1, 2, 2, 4): 22.8).
+        "shapes": dict(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8),
+        "tiny": dict(ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4),
+    }
+
+    def __post_init__(self):
+        _as_tuples(self)
+
+    @classmethod
+    def preset(cls, name: str) -> "ImageAEConfig":
+        """`coco` (Stable Diffusion's VAE shapes), `shapes` or `tiny`."""
+        return _preset(cls, cls._PRESETS, name)
+
+
+class VAEResnetBlock(nn.Module):
+    """x + conv(SiLU(GN(conv(SiLU(GN(x))))))  (C_in -> C_out)  [LDM / CompVis ResnetBlock, no timestep]
+
+    A 1x1 `nin_shortcut` ("network in network") matches channels when C_in != C_out.
+    """
+
+    def __init__(self, c_in: int, c_out: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=1e-6)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))                             # (B, C_in, H, W) -> (B, C_out, H, W)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class VAEAttnBlock(nn.Module):
+    """Single-head self-attention over all H*W pixels, 1x1 convs for q, k, v, out  [CompVis AttnBlock]."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.use_sdpa = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1)        # (B, C, H, W) -> (B, 1, HW, C)
+                   for conv in (self.q, self.k, self.v))
+        h = attention(q, k, v, self.use_sdpa)                             # (B, 1, HW, C)
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)              # (B, 1, HW, C) -> (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class VAEMid(nn.Module):
+    """ResNet - attention - ResNet at the lowest resolution (width C -> C)."""
+
+    def __init__(self, channels: int, groups: int, dropout: float):
+        super().__init__()
+        self.block_1 = VAEResnetBlock(channels, channels, groups, dropout)
+        self.attn_1 = VAEAttnBlock(channels, groups)
+        self.block_2 = VAEResnetBlock(channels, channels, groups, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class VAEEncoder(nn.Module):
+    """x (B, 3, H, W) -> moments (B, 2 * 4, H/8, W/8) (before quant_conv)."""
+
+    def __init__(self, cfg: ImageAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        c_in = cfg.ch
+        for level, c_out in enumerate(widths):
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                stage.block.append(VAEResnetBlock(c_in, c_out, cfg.norm_groups, cfg.dropout))
+                c_in = c_out
+            if level != len(widths) - 1:
+                stage.downsample = Downsample(c_out, asymmetric_pad=True)
+            self.down.append(stage)
+        self.mid = VAEMid(c_in, cfg.norm_groups, cfg.dropout)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, c_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(c_in, 2 * cfg.latent_channels, 3, padding=1)  # "double_z": mean | logvar
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)                                               # (B, 3, H, W) -> (B, ch, H, W)
+        for stage in self.down:
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)                                   # (B, C, H', W') -> (B, C, H'/2, W'/2)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))                    # -> (B, 8, h, w)
+
+
+class VAEDecoder(nn.Module):
+    """z (B, 4, h, w) (after post_quant_conv) -> image (B, 3, 8h, 8w)."""
+
+    def __init__(self, cfg: ImageAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        c_in = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, c_in, 3, padding=1)
+        self.mid = VAEMid(c_in, cfg.norm_groups, cfg.dropout)
+        levels = []
+        for level in reversed(range(len(widths))):                        # lowest resolution first
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                stage.block.append(VAEResnetBlock(c_in, widths[level], cfg.norm_groups, cfg.dropout))
+                c_in = widths[level]
+            if level != 0:
+                stage.upsample = Upsample(c_in)
+            levels.insert(0, stage)                                       # CompVis indexes up[] by level
+        self.up = nn.ModuleList(levels)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, c_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(c_in, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))                                     # (B, 4, h, w) -> (B, C, h, w)
+        for stage in reversed(self.up):
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)                                     # (B, C, H', W') -> (B, C, 2H', 2W')
+        return self.conv_out(F.silu(self.norm_out(h)))                    # -> (B, 3, H, W)
+
+
+class ImageAutoencoder(nn.Module):
+    """Stable Diffusion's KL-f8 autoencoder (CompVis parameter names).  [LDM §3; LDMSeg brief §3.1]"""
+
+    def __init__(self, config: ImageAEConfig):
+        super().__init__()
+        self.config = config
+        zc = config.latent_channels
+        self.encoder = VAEEncoder(config)
+        self.decoder = VAEDecoder(config)
+        self.quant_conv = nn.Conv2d(2 * zc, 2 * zc, 1)                    # named after VQGAN's quantiser slot
+        self.post_quant_conv = nn.Conv2d(zc, zc, 1)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, 3, H, W) in [-1, 1]  ->  mean, logvar, each (B, 4, H/8, W/8) (unscaled)."""
+        return split_moments(self.quant_conv(self.encoder(x)))            # (B, 8, h, w) -> 2 x (B, 4, h, w)
+
+    def encode_mean(self, x: Tensor) -> Tensor:
+        """The posterior mode/mean, what LDMSeg conditions on (multiply by scale_factor yourself)."""
+        return self.encode(x)[0]
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (B, 4, h, w) (unscaled)  ->  image (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                sample_posterior: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Training pass: x (B, 3, H, W) -> (recon (B, 3, H, W), mean, logvar (B, 4, h, w))."""
+        mean, logvar = self.encode(x)
+        z = sample_gaussian(mean, logvar, generator) if sample_posterior else mean
+        return self.decode(z), mean, logvar
+
+
+def vae_loss(recon: Tensor, x: Tensor, mean: Tensor, logvar: Tensor,
+             kl_weight: float = 1e-6) -> dict[str, Tensor]:
+    """L1 reconstruction + kl_weight * KL, for training the image AE on Shapes.  [LDM App. G, no GAN]
+
+    recon, x: (B, 3, H, W) in [-1, 1]; mean, logvar: (B, 4, h, w).
+    LDM sums both terms over each image (kl_weight 1e-6). We report the per-value mean L1 and divide
+    the KL by the same count (3 * H * W), which keeps LDM's balance at a learning-rate-friendly scale.
+    DEVIATION: no LPIPS and no patch-GAN term (they sharpen natural-image textures; Shapes images
+    are flat colours and simple patterns, and a GAN would make a CPU run slow and brittle).
+    Returns scalars 'loss', 'rec' (mean |recon - x|) and 'kl' (per image, summed over the latent).
+    """
+    rec = (recon - x).abs().mean()
+    kl = kl_to_standard_normal(mean, logvar).mean()                       # (B,) -> scalar
+    values_per_image = x[0].numel()
+    return {"loss": rec + kl_weight * kl / values_per_image, "rec": rec, "kl": kl}
+
+
+# -----------------------------------------------------------------------------
+# 6. UNet layers                                    [SD-1.x UNet; DDPM App. B; Vaswani 2017; GLU variants]
+# -----------------------------------------------------------------------------
+# The parts of Stable Diffusion's denoiser, named as in diffusers' UNet2DConditionModel so
+# diffusers-layout weights load by identity.
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim) float32.  [DDPM; Transformer]
+
+    Frequencies f_i = 10000^(-i / (dim/2)) for i = 0..dim/2-1; output [cos(t f), sin(t f)] -- cosine
+    first (SD: flip_sin_to_cos=True) and no frequency shift (freq_shift=0).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]                          # (B,) x (half,) -> (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)       # -> (B, 2 * half)
+
+
+class TimestepMLP(nn.Module):
+    """Linear - SiLU - Linear, from the sinusoid (D0) to the embedding every ResNet reads (4 * D0)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.linear_2 = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    """ResNet block with timestep input (C_in -> C_out)  [DDPM App. B; diffusers ResnetBlock2D]
+
+    h = conv1(SiLU(GN(x))) + Linear(SiLU(emb)); out = shortcut(x) + conv2(dropout(SiLU(GN(h)))).
+    The timestep enters as a per-channel bias added between the two convolutions.
+    """
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=1e-5)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))                             # (B, C_in, H, W) -> (B, C_out, H, W)
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]         # (B, 4D0) -> (B, C_out, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.conv_shortcut(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention of tokens x over themselves (attn1) or over a context (attn2).
+
+    x: (B, N, D); context: (B, L, D_ctx) or None  ->  (B, N, D). q, k, v have no bias (SD).
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        kv_dim = dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(kv_dim, dim, bias=False)
+        self.to_v = nn.Linear(kv_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])  # names: to_out.0
+        self.use_sdpa = True
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        B, N, D = x.shape
+        context = x if context is None else context
+        nh = self.num_heads
+        q = self.to_q(x).view(B, N, nh, D // nh).transpose(1, 2)          # (B, N, D) -> (B, nh, N, D/nh)
+        k = self.to_k(context).view(B, -1, nh, D // nh).transpose(1, 2)   # (B, L, D_ctx) -> (B, nh, L, D/nh)
+        v = self.to_v(context).view(B, -1, nh, D // nh).transpose(1, 2)
+        h = attention(q, k, v, self.use_sdpa)                             # (B, nh, N, D/nh)
+        h = h.transpose(1, 2).reshape(B, N, D)                            # -> (B, N, D)
+        return self.to_out[1](self.to_out[0](h))
+
+
+class GEGLU(nn.Module):
+    """a * GELU(b) with [a, b] = Linear(x): a gated GELU unit  [Shazeer 2020, "GLU Variants"]."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.proj(x).chunk(2, dim=-1)                              # (B, N, 2 D_ff) -> 2 x (B, N, D_ff)
+        return a * F.gelu(b)
+
+
+class FeedForward(nn.Module):
+    """GEGLU (D -> 4D) - dropout - Linear (4D -> D); the ModuleList gives diffusers' names ff.net.0/2."""
+
+    def __init__(self, dim: int, dropout: float = 0.0, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(dropout), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block on (B, N, D) tokens  [SD-1.x BasicTransformerBlock]
+
+    x += attn1(LN(x)); x += attn2(LN(x), context) [if cross-attention]; x += ff(LN(x)).
+    context_dim=None removes attn2 and norm2 altogether, as LDMSeg does [LDMSeg brief §3.2].
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, num_heads, dropout=dropout)
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, num_heads, context_dim, dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if hasattr(self, "attn2"):
+            if context is None:
+                raise ValueError("this UNet has cross-attention (context_dim set): pass context (B, L, D_ctx)")
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """A transformer block applied to a feature map, with a residual around it  [SD-1.x Transformer2DModel]
+
+    GN -> 1x1 conv (proj_in) -> tokens -> TransformerBlock -> map -> 1x1 conv (proj_out) -> + x.
+    SD-1.x projects with 1x1 convolutions (use_linear_projection=False); SD-2 uses Linear layers.
+    """
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int | None, groups: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, num_heads, context_dim, dropout)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)                    # (B, C, H, W) -> (B, HW, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)                     # (B, HW, C) -> (B, C, H, W)
+        return self.proj_out(h) + x
+
+
+# -----------------------------------------------------------------------------
+# 7. UNet                                           [SD-1.x UNet (LDM App. E); LDMSeg brief §3.2]
+# -----------------------------------------------------------------------------
+# conv_in -> down levels (ResNet [+ transformer]) x layers_per_block, then a stride-2 conv except at
+# the last level -> mid (ResNet, transformer, ResNet) -> up levels with layers_per_block + 1 ResNets
+# (each ResNet first concatenates one skip tensor saved on the way down), nearest x2 + conv between
+# levels -> GN - SiLU - conv_out. Every ResNet reads the timestep embedding. Names follow diffusers'
+# UNet2DConditionModel: conv_in, time_embedding.linear_1, down_blocks.{i}.resnets.{j},
+# down_blocks.{i}.attentions.{j}, down_blocks.{i}.downsamplers.0.conv, mid_block.{resnets,attentions},
+# up_blocks.{i}.{resnets,attentions,upsamplers.0.conv}, conv_norm_out, conv_out.
+# LDMSeg uses SD-1.4's UNet with 12 input channels (noisy map latent | image latent | self-
+# conditioning estimate) and without cross-attention [LDMSeg brief §3.2].
+
+
+@dataclass
+class UNetConfig:
+    """Denoising UNet. Defaults = LDMSeg's COCO model: SD-1.x shapes, 12 inputs, no cross-attention."""
+
+    in_channels: int = 12                              # 4 noisy map latent + 4 image latent + 4 self-cond  [PAPER]
+    out_channels: int = 4                              # the epsilon prediction for the 4-channel latent  [PAPER]
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per level  [SD-1.x]
+    layers_per_block: int = 2                          # ResNet (+ transformer) pairs per down level  [SD-1.x]
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # transformer blocks at which levels  [SD-1.x]
+    num_heads: int = 8                                 # attention heads at every level  [SD-1.x: 8]
+    # QUIRK: diffusers' SD-1.x config stores these 8 heads under the name "attention_head_dim".
+    context_dim: int | None = None                     # cross-attention context width; None = removed  [PAPER; SD: 768]
+    norm_groups: int = 32                              # GroupNorm groups  [SD-1.x]
+    dropout: float = 0.0                               # dropout in ResNet blocks and transformers  [SD-1.x: 0]
+    gradient_checkpointing: bool = False               # recompute block activations in backward to save memory  [PAPER: on]
+
+    _PRESETS: ClassVar[dict[str, dict]] = {
+        "coco": {},
+        # 16x16 latents of 128^2 Shapes images: 3 levels (16, 8, 4), attention at 8x8 and 4x4.
+        # Sized for a CPU: 12 GFLOP per forward + backward at batch 16 (3.9 M parameters).
+        "shapes": dict(block_out_channels=(32, 64, 128), layers_per_block=1,
+                       attention_levels=(False, True, True), num_heads=4, norm_groups=16),
+        "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
+                     num_heads=2, norm_groups=8),
+    }
+
+    def __post_init__(self):
+        _as_tuples(self)
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError("attention_levels needs one entry per block_out_channels entry")
+
+    @classmethod
+    def preset(cls, name: str) -> "UNetConfig":
+        """`coco` (SD-1.x shapes as LDMSeg uses them), `shapes` or `tiny`."""
+        return _preset(cls, cls._PRESETS, name)
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the timestep embedding: 4x the first level's width (1280 in SD-1.x)."""
+        return 4 * self.block_out_channels[0]
+
+
+def _run(module: nn.Module, use_checkpoint: bool, *args):
+    """module(*args), recomputed in the backward pass instead of stored when `use_checkpoint`."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+class DownBlock(nn.Module):
+    """One down level: (ResNet [-> Transformer2D]) x n, then an optional stride-2 conv.
+
+    Returns the output and every intermediate the up path concatenates back (n or n + 1 tensors).
+    """
+
+    def __init__(self, c_in: int, c_out: int, cfg: UNetConfig, with_attention: bool, downsample: bool):
+        super().__init__()
+        emb_dim, g = cfg.time_embed_dim, cfg.norm_groups
+        self.resnets = nn.ModuleList([ResnetBlock(c_in if j == 0 else c_out, c_out, emb_dim, g, cfg.dropout)
+                                      for j in range(cfg.layers_per_block)])
+        if with_attention:
+            self.attentions = nn.ModuleList([Transformer2D(c_out, cfg.num_heads, cfg.context_dim, g, cfg.dropout)
+                                             for _ in range(cfg.layers_per_block)])
+        if downsample:
+            self.downsamplers = nn.ModuleList([Downsample(c_out)])
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = _run(resnet, self.gradient_checkpointing, x, emb)         # (B, C_in, H, W) -> (B, C_out, H, W)
+            if hasattr(self, "attentions"):
+                x = _run(self.attentions[j], self.gradient_checkpointing, x, context)
+            skips.append(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)                                   # -> (B, C_out, H/2, W/2)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """ResNet -> Transformer2D -> ResNet at the lowest resolution (C -> C)  [SD-1.x UNetMidBlock2DCrossAttn]."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        emb_dim, g = cfg.time_embed_dim, cfg.norm_groups
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, emb_dim, g, cfg.dropout) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2D(channels, cfg.num_heads, cfg.context_dim, g, cfg.dropout)])
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        ckpt = self.gradient_checkpointing
+        x = _run(self.resnets[0], ckpt, x, emb)
+        x = _run(self.attentions[0], ckpt, x, context)
+        return _run(self.resnets[1], ckpt, x, emb)
+
+
+class UpBlock(nn.Module):
+    """One up level: (concat a skip -> ResNet [-> Transformer2D]) x (n + 1), then an optional x2 upsampling.
+
+    c_prev: width coming from below; c_out: this level's width; skip_channels[j]: width of the j-th
+    skip it consumes (the down path's tensors in reverse order).
+    """
+
+    def __init__(self, c_prev: int, c_out: int, skip_channels: list[int], cfg: UNetConfig,
+                 with_attention: bool, upsample: bool):
+        super().__init__()
+        emb_dim, g = cfg.time_embed_dim, cfg.norm_groups
+        c_ins = [c_prev] + [c_out] * (len(skip_channels) - 1)
+        self.resnets = nn.ModuleList([ResnetBlock(c + s, c_out, emb_dim, g, cfg.dropout)
+                                      for c, s in zip(c_ins, skip_channels)])
+        if with_attention:
+            self.attentions = nn.ModuleList([Transformer2D(c_out, cfg.num_heads, cfg.context_dim, g, cfg.dropout)
+                                             for _ in skip_channels])
+        if upsample:
+            self.upsamplers = nn.ModuleList([Upsample(c_out)])
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def forward(self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor | None) -> Tensor:
+        for j, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)                        # (B, C, H, W) -> (B, C + C_skip, H, W)
+            x = _run(resnet, self.gradient_checkpointing, x, emb)         # -> (B, C_out, H, W)
+            if hasattr(self, "attentions"):
+                x = _run(self.attentions[j], self.gradient_checkpointing, x, context)
+        if hasattr(self, "upsamplers"):
+            # Upsample to the next skip's size, so odd latent sizes (e.g. 5x5 -> 3x3 -> 5x5) work.
+            x = self.upsamplers[0](x, size=skips[-1].shape[-2:])          # -> (B, C_out, 2H, 2W)
+        return x
+
+
+def _build_down_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The down path, and the widths of the skip tensors it saves (conv_in's output first)."""
+    widths = cfg.block_out_channels
+    blocks, skip_channels = nn.ModuleList(), [widths[0]]
+    c_in = widths[0]
+    for level, c_out in enumerate(widths):
+        last = level == len(widths) - 1
+        blocks.append(DownBlock(c_in, c_out, cfg, cfg.attention_levels[level], downsample=not last))
+        skip_channels += [c_out] * (cfg.layers_per_block + (0 if last else 1))
+        c_in = c_out
+    return blocks, skip_channels
+
+
+def _build_up_blocks(cfg: UNetConfig, skip_channels: list[int]) -> nn.ModuleList:
+    """The up path: level L-1 first; each level consumes layers_per_block + 1 skips, last saved first."""
+    widths = cfg.block_out_channels
+    blocks, skips = nn.ModuleList(), list(skip_channels)
+    c_prev = widths[-1]
+    for level in reversed(range(len(widths))):
+        n = cfg.layers_per_block + 1
+        level_skips = [skips.pop() for _ in range(n)]                     # the order forward() pops them
+        blocks.append(UpBlock(c_prev, widths[level], level_skips, cfg, cfg.attention_levels[level],
+                              upsample=level != 0))
+        c_prev = widths[level]
+    return blocks
+
+
+class UNet(nn.Module):
+    """Stable Diffusion's denoising UNet (diffusers' parameter names).  [SD-1.x; LDMSeg brief §3.2]
+
+    unet(x_t, t, context=None): x_t (B, in_channels, h, w), t (B,) int64 or float timesteps (a
+    0-dim t is broadcast), context (B, L, context_dim) when cross-attention is on  ->  (B, out_channels, h, w).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c0 = config.block_out_channels[0]
+        self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
+        self.time_embedding = TimestepMLP(c0, config.time_embed_dim)
+        self.down_blocks, skip_channels = _build_down_blocks(config)
+        self.mid_block = MidBlock(config.block_out_channels[-1], config)
+        self.up_blocks = _build_up_blocks(config, skip_channels)
+        self.conv_norm_out = nn.GroupNorm(config.norm_groups, c0, eps=1e-5)
+        self.conv_out = nn.Conv2d(c0, config.out_channels, 3, padding=1)
+
+    def forward(self, x_t: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
+        B = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.dim() == 0:
+            t = t.expand(B)                                               # one timestep for the whole batch
+        # The sinusoid is computed in float32 (t up to 999 needs the precision), then cast like diffusers.
+        emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(x_t.dtype))  # (B, 4 C0)
+        h = self.conv_in(x_t)                                             # (B, C_in, h, w) -> (B, C0, h, w)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, context)                       # halves h, w but at the last level
+            skips += block_skips
+        h = self.mid_block(h, emb, context)
+        for block in self.up_blocks:
+            h = block(h, skips, emb, context)                             # consumes layers_per_block + 1 skips
+        return self.conv_out(F.silu(self.conv_norm_out(h)))               # (B, C0, h, w) -> (B, C_out, h, w)
+
+
+# -----------------------------------------------------------------------------
+# 8. LDMSeg model                                   [LDMSeg §3; brief §3.1-3.3]
+# -----------------------------------------------------------------------------
+# The denoiser sees three 4-channel latents stacked on channels [LDMSeg brief §3.1]:
+#   z_t      the noisy panoptic latent (mask AE encoder mean x s_t, then the forward process),
+#   z_image  the image latent (image AE encoder mean x s_i), clean -- the condition,
+#   x0_self  the model's own previous estimate of the clean latent (self-conditioning).
+# The condition and self-condition input channels of conv_in start at zero, so at initialisation the
+# model is exactly an unconditional UNet on z_t: when it starts from Stable Diffusion weights the
+# pretrained function is untouched, and the new inputs grow in as they prove useful [LDMSeg §3.2].
+#
+# Loss: epsilon-prediction on the scaled-linear schedule, weighted by min(SNR_t, gamma) / SNR_t
+# (min-SNR-gamma for eps-prediction, Hang et al. 2023; gamma = 2 [PAPER]), with latent cells whose
+# (nearest-downsampled) id is void masked out [LDMSeg brief §3.3].
+#
+# Self-conditioning (Chen et al., "Analog Bits", §3.2). DEVIATION: the official code feeds the
+# self-condition on 100 % of training steps, so the all-zero self-condition that starts every
+# sampling run is never trained; we follow Analog Bits and feed it on 50 % of samples (zeros on the
+# rest), so both states the sampler uses are trained, and the extra no-grad pass runs on half the
+# batch only.
+
+
+@dataclass
+class LDMSegConfig:
+    """The stage-2 model: UNet + the two frozen autoencoders it reads and writes through."""
+
+    unet: UNetConfig = None                            # the denoiser (in_channels is set by LDMSeg)
+    mask_ae: MaskAEConfig = None                       # stage-1 autoencoder (frozen); its scale_factor = s_t
+    image_ae: ImageAEConfig = None                     # image autoencoder (frozen); its scale_factor = s_i
+    schedule: str = "scaled_linear"                    # beta schedule  [PAPER: SD's scaled_linear 0.00085-0.012]
+    num_train_steps: int = 1000                        # T  [PAPER]
+    min_snr_gamma: float = 2.0                         # gamma of the loss weight min(SNR, gamma) / SNR  [PAPER: 2]
+    self_condition: bool = True                        # feed x0_self as extra input channels  [PAPER]
+    self_condition_prob: float = 0.5                   # share of training samples given x0_self  [DEVIATION: code 1.0]
+    mask_th: float = 0.5                               # decoding: min softmax confidence of a pixel  [PAPER: 0.5]
+    count_th: float = 512.0                            # decoding: min segment area in pixels at 512^2, scaled by area  [PAPER: 512]
+    overlap_th: float = 0.5                            # decoding: min |argmax region| / |sigmoid >= mask_th region|  [PAPER: 0.5]
+
+    def __post_init__(self):
+        # Checkpoints store configs as plain dicts: rebuild the nested configs from them.
+        self.unet = UNetConfig(**self.unet) if isinstance(self.unet, dict) else (self.unet or UNetConfig())
+        self.mask_ae = MaskAEConfig(**self.mask_ae) if isinstance(self.mask_ae, dict) else (self.mask_ae or MaskAEConfig())
+        self.image_ae = (ImageAEConfig(**self.image_ae) if isinstance(self.image_ae, dict)
+                         else (self.image_ae or ImageAEConfig()))
+
+    @classmethod
+    def preset(cls, name: str) -> "LDMSegConfig":
+        """`coco` (LDMSeg's released model), `shapes` or `tiny`: the three parts' presets."""
+        return cls(unet=UNetConfig.preset(name), mask_ae=MaskAEConfig.preset(name),
+                   image_ae=ImageAEConfig.preset(name))
+
+
+def zero_init_new_inputs(conv_in: nn.Conv2d, keep: int) -> None:
+    """Zero the weights of conv_in's input channels from `keep` on (image + self-condition).
+
+    With them zero, the output does not depend on those inputs at initialisation [LDMSeg §3.2].
+    """
+    with torch.no_grad():
+        conv_in.weight[:, keep:].zero_()
+
+
+class LDMSeg(nn.Module):
+    """UNet denoiser of panoptic latents conditioned on image latents, plus its frozen autoencoders.
+
+    forward(z_t, t, z_image, x0_self) -> eps_pred, all latents (B, 4, h, w), t (B,) int64.
+    `self.mask_ae` and `self.image_ae` are frozen (requires_grad False): the checkpoint holds all three
+    so that sampling needs nothing but the checkpoint.
+    """
+
+    def __init__(self, config: LDMSegConfig):
+        super().__init__()
+        self.config = config
+        c = config.mask_ae.latent_channels
+        in_channels = c + config.image_ae.latent_channels + (c if config.self_condition else 0)
+        config.unet = dataclasses.replace(config.unet, in_channels=in_channels, out_channels=c)
+        self.unet = UNet(config.unet)
+        zero_init_new_inputs(self.unet.conv_in, keep=c)
+        self.mask_ae = MaskAutoencoder(config.mask_ae).requires_grad_(False)
+        self.image_ae = ImageAutoencoder(config.image_ae).requires_grad_(False)
+        self.schedule = NoiseSchedule(config.schedule, config.num_train_steps)
+
+    def train(self, mode: bool = True) -> "LDMSeg":
+        """The autoencoders stay in eval mode: they are frozen feature extractors."""
+        super().train(mode)
+        self.mask_ae.eval()
+        self.image_ae.eval()
+        return self
+
+    def forward(self, z_t: Tensor, t: Tensor, z_image: Tensor, x0_self: Tensor | None = None) -> Tensor:
+        """eps_pred (B, 4, h, w) from z_t, z_image (B, 4, h, w) and optionally x0_self (zeros if None)."""
+        parts = [z_t, z_image]
+        if self.config.self_condition:
+            parts.append(torch.zeros_like(z_t) if x0_self is None else x0_self)
+        return self.unet(torch.cat(parts, dim=1), t)                     # (B, 12, h, w) -> (B, 4, h, w)
+
+    @torch.no_grad()
+    def encode_image(self, image: Tensor) -> Tensor:
+        """image (B, 3, H, W) in [-1, 1] -> z_image = s_i * posterior mean (B, 4, H/8, W/8)."""
+        return self.image_ae.encode_mean(image) * self.config.image_ae.scale_factor
+
+    @torch.no_grad()
+    def encode_ids(self, ids: Tensor) -> Tensor:
+        """ids (B, H, W) int64 (already remapped into 1..2^K-1) -> z_0 = s_t * mean (B, 4, h, w)."""
+        bits = ids_to_bits(ids, self.config.mask_ae.num_bits)
+        return self.mask_ae.encode(bits)[0] * self.config.mask_ae.scale_factor
+
+    @torch.no_grad()
+    def decode_latent(self, z0: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """z_0 (B, 4, h, w) -> id logits (B, 2^K, H, W) at full size (or `size`)."""
+        return self.mask_ae.decode_full(z0 / self.config.mask_ae.scale_factor, size)
+
+
+def void_mask_latent(ids: Tensor, h: int, w: int) -> Tensor:
+    """(B, H, W) ids -> (B, 1, h, w) float, 1 where the nearest-downsampled id is not void."""
+    small = F.interpolate(ids[:, None].float(), size=(h, w), mode="nearest")  # (B, 1, H, W) -> (B, 1, h, w)
+    return (small != 0).float()
+
+
+def min_snr_weight(snr: Tensor, gamma: float) -> Tensor:
+    """min(SNR_t, gamma) / SNR_t, the min-SNR-gamma weight for eps-prediction [LDMSeg §3.3; Hang 2023]."""
+    return snr.clamp(max=gamma) / snr
+
+
+def self_condition_input(model: nn.Module, z_t: Tensor, t: Tensor, z_image: Tensor, use: Tensor,
+                         schedule) -> Tensor:
+    """x0_self for training: a no-grad pass's x0 estimate where `use` (B,) bool, zeros elsewhere.
+
+    The pass runs on the selected samples only; its output is detached, as in Analog Bits.
+    """
+    x0_self = torch.zeros_like(z_t)
+    if use.any():
+        with torch.no_grad():
+            eps = model(z_t[use], t[use], z_image[use], None)
+            x0_self[use] = predict_x0_from_eps(z_t[use], t[use], eps.float(), schedule).to(x0_self.dtype)
+    return x0_self
+
+
+def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_image: Tensor, valid: Tensor,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """The stage-2 objective [LDMSeg brief §3.3]: mean( w(t) * valid * (eps_pred - eps)^2 ).
+
+    model: the (possibly compiled / DDP-wrapped) LDMSeg; z0, z_image: (B, 4, h, w); valid (B, 1, h, w).
+    QUIRK: the mean runs over all elements, masked ones included, as the official code (not over the
+    valid count) -- images with much void contribute less [LDMSeg brief §8.10].
+    """
+    B, device = z0.shape[0], z0.device
+    t = torch.randint(0, config.num_train_steps, (B,), generator=generator).to(device)
+    eps = torch.randn(z0.shape, generator=generator).to(device)
+    z_t = schedule.q_sample(z0, t, eps)                                  # [DDPM Eq. 4]
+    x0_self = None
+    if config.self_condition:
+        use = (torch.rand(B, generator=generator) < config.self_condition_prob).to(device)
+        x0_self = self_condition_input(model, z_t, t, z_image, use, schedule)
+    eps_pred = model(z_t, t, z_image, x0_self).float()
+    w = min_snr_weight(schedule.snr(t), config.min_snr_gamma)            # (B,)
+    se = (eps_pred - eps).pow(2) * valid                                 # (B, 4, h, w)
+    loss = (w.view(B, 1, 1, 1) * se).mean()
+    return {"loss": loss, "mse": se.mean()}
+
+
+# -----------------------------------------------------------------------------
+# 9. Decoding: logits -> panoptic segments           [LDMSeg brief §4.5]
+# -----------------------------------------------------------------------------
+# No detector, no matching, no NMS: the id with the largest logit wins each pixel, and three
+# thresholds remove what is not a confident segment (LDMSeg's evaluation values):
+#   (a) confidence: softmax max < mask_th -> void;
+#   (b) area: a segment smaller than count_th pixels -> void. count_th is given at 512 x 512 and
+#       scaled by the image area here (512 px at 512^2 = 32 px at 128^2) -- DEVIATION: the official
+#       code uses a fixed pixel count at its single resolution;
+#   (c) overlap: |argmax region of k| / |{sigmoid(logit_k) >= mask_th}| < overlap_th -> void
+#       (a segment that won its pixels only narrowly against many competitors).
+# Channel 0 (void) never forms a segment.
+
+
+def panoptic_from_logits(logits: Tensor, mask_th: float = 0.5, count_th: float = 512.0,
+                         overlap_th: float = 0.5) -> Tensor:
+    """logits (B, 2^K, H, W) -> ids (B, H, W) int64, 0 = void, other values = the winning channels."""
+    B, C, H, W = logits.shape
+    logits = logits.float()
+    conf, pred = logits.softmax(dim=1).max(dim=1)                         # (B, H, W) each
+    pred = torch.where(conf < mask_th, 0, pred)                          # (a)
+    area = torch.zeros(B, C, device=logits.device).scatter_add_(
+        1, pred.flatten(1), torch.ones(B, H * W, device=logits.device))  # (B, C) pixels won per id
+    soft = (logits.sigmoid() >= mask_th).flatten(2).sum(-1).float()      # (B, C)
+    min_area = count_th * H * W / 512 ** 2
+    keep = (area >= min_area) & (area >= overlap_th * soft)              # (b), (c)
+    keep[:, 0] = False
+    return torch.where(keep.gather(1, pred.flatten(1)).view(B, H, W), pred, 0)
+
+
+def sample_latent(model: LDMSeg, z_image: Tensor, *, sampler: str = "ddim", steps: int = 50,
+                  generator: torch.Generator | None = None, known=None, callback=None) -> Tensor:
+    """Denoise a panoptic latent for each image latent: z_image (B, 4, h, w) -> z_0 (B, 4, h, w).
+
+    The denoiser passed to the sampler closes over the self-conditioning state: the first call gets
+    zeros, every later call the x0 estimate of the call before [LDMSeg brief §4.3].
+    PAPER: DDIM, eta 0, 50 steps on t = 999, 979, ..., 19 ('trailing' spacing), the last step
+    returning x0_pred. `sampler` in {'ddim', 'dpm++', 'ddpm'}; initial noise from `generator`.
+    """
+    state: dict[str, Tensor | None] = {"x0": None}
+
+    def eps_model(z_t: Tensor, t: Tensor) -> Tensor:
+        eps = model(z_t, t, z_image, state["x0"]).float()
+        state["x0"] = predict_x0_from_eps(z_t, t, eps, model.schedule)
+        return eps
+
+    z_T = torch.randn(z_image.shape, generator=generator).to(z_image.device)
+    kw = dict(steps=steps, generator=generator, known=known, callback=callback)
+    if sampler == "ddim":
+        return ddim_sample(eps_model, z_T, model.schedule, spacing="trailing", set_alpha_to_one=True, **kw)
+    if sampler == "dpm++":
+        return dpm_solver_pp_sample(eps_model, z_T, model.schedule, order=2, **kw)
+    if sampler == "ddpm":
+        return ddpm_sample(eps_model, z_T, model.schedule, **kw)
+    raise ValueError(f"unknown sampler {sampler!r}: choose ddim, dpm++ or ddpm")
+
+
+@torch.no_grad()
+def segment(model: LDMSeg, image: Tensor, *, sampler: str = "ddim", steps: int = 50,
+            generator: torch.Generator | None = None, known=None, callback=None) -> Tensor:
+    """Panoptic segmentation of images: (B, 3, H, W) in [-1, 1] -> ids (B, H, W) int64, 0 = void."""
+    z0 = sample_latent(model, model.encode_image(image), sampler=sampler, steps=steps,
+                       generator=generator, known=known, callback=callback)
+    c = model.config
+    return panoptic_from_logits(model.decode_latent(z0, image.shape[-2:]), c.mask_th, c.count_th, c.overlap_th)

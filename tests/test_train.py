@@ -1,0 +1,122 @@
+"""Tests of train.py: the loop, checkpoints, exact resume, the CLI, DDP on CPU."""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data
+import train
+
+
+@pytest.fixture(scope="module")
+def shapes32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes32")
+    data.write_shapes(root, size=32, num_train=12, num_val=4, seed=0, workers=1, log=lambda *_: None)
+    return root
+
+
+def _args(root, out, stage, *extra):
+    return ["--stage", stage, "--preset", "tiny", "--data", str(root), "--out-dir", str(out),
+            "--num-workers", "0", "--log-every", "2", "--preview-every", "0", "--device", "cpu", *extra]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = train.TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.01)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(55, cfg) == pytest.approx(0.505) and train.lr_at(100, cfg) == pytest.approx(0.01)
+
+
+def test_presets_fill_only_unset_fields():
+    cfg = train.resolve(train.TrainConfig(stage="vae", preset="shapes", lr=3e-4))
+    assert cfg.lr == 3e-4 and cfg.max_steps > 0 and cfg.crop == 64 and cfg.out_dir.endswith("vae")
+    assert train.resolve(train.TrainConfig(stage="all")).stage == "2"
+    assert train.resolve(train.TrainConfig(stage="vae", crop=0)).crop == 0
+    with pytest.raises(SystemExit, match="unknown --stage"):
+        train.resolve(train.TrainConfig(stage="9"))
+
+
+def test_every_flag_has_help_and_a_default_in_help_text():
+    parser = train.build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help and action.help != action.dest
+
+
+@pytest.mark.parametrize("stage", ["vae", "1"])
+def test_cli_trains_a_tiny_stage_and_writes_its_run_folder(shapes32, tmp_path, stage):
+    metrics = train.main(_args(shapes32, tmp_path / "run", stage, "--max-steps", "4"))
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"ckpt.pt", "config.json", "log.txt", "metrics.json", "preview_final.png"} <= files
+    assert all(math.isfinite(v) for v in metrics.values())
+    ckpt = train.load_checkpoint(tmp_path / "run", stage)
+    assert ckpt["step"] == 4 and ckpt["metrics"] == metrics and metrics["scale_factor"] > 0
+    assert "step 000004 | loss" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_resume_continues_bit_for_bit(shapes32, tmp_path):
+    straight = tmp_path / "straight"
+    train.main(_args(shapes32, straight, "1", "--max-steps", "6"))
+    half = tmp_path / "half"
+    assert train.main(_args(shapes32, half, "1", "--max-steps", "6", "--stop-after", "3")) == {}
+    assert train.load_checkpoint(half)["step"] == 3
+    train.main(_args(shapes32, half, "1", "--max-steps", "6", "--resume", str(half)))
+    a, b = train.load_checkpoint(straight), train.load_checkpoint(half)
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_checkpoint_rebuilds_a_model_with_identical_outputs(shapes32, tmp_path):
+    import ldmseg
+    train.main(_args(shapes32, tmp_path / "run", "1", "--max-steps", "2"))
+    ckpt = train.load_checkpoint(tmp_path / "run", "1")
+    model = ldmseg.MaskAutoencoder(ldmseg.MaskAEConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    again = ldmseg.MaskAutoencoder(ldmseg.MaskAEConfig(**ckpt["model_config"]))
+    again.load_state_dict(ckpt["model"])
+    bits = data.ids_to_bits(torch.randint(0, 16, (2, 32, 32)), model.config.num_bits)
+    assert torch.equal(model.encode(bits)[0], again.encode(bits)[0])
+
+
+def test_loading_the_wrong_kind_of_file_is_one_clear_error(shapes32, tmp_path):
+    train.main(_args(shapes32, tmp_path / "run", "vae", "--max-steps", "1"))
+    with pytest.raises(SystemExit, match="stage-vae checkpoint, but stage 1"):
+        train.load_checkpoint(tmp_path / "run", "1")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a loadable checkpoint"):
+        train.load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(SystemExit, match="no checkpoint here"):
+        train.load_checkpoint(tmp_path / "nowhere")
+
+
+def _ddp_worker(rank, world, port, root, out, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = train.TrainConfig(stage="1", preset="tiny", data=str(root), out_dir=str(out), max_steps=3,
+                            num_workers=0, log_every=1, preview_every=0, device="cpu", ema_decay=0)
+    cfg = train.resolve(cfg)
+    import torch.distributed as dist
+    device = torch.device("cpu")
+    d = train.init_distributed(device)
+    stage = train.STAGES["1"](cfg, device, train.Logger(None, False))
+    model = stage.build()
+    opt = train.make_optimizer(model, cfg, device)
+    train._loop(cfg, stage, model, opt, None, stage.datasets()[0], device, d, out, train.Logger(None, False), 0)
+    result[rank] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    dist.destroy_process_group()
+
+
+def test_ddp_on_two_cpu_processes_keeps_ranks_identical(shapes32, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, shapes32, tmp_path, result), nprocs=2, join=True)
+    assert torch.equal(result[0], result[1])
+    init = torch.cat([p.detach().flatten() for p in train.STAGES["1"](
+        train.resolve(train.TrainConfig(stage="1", preset="tiny")), torch.device("cpu"), None).build().parameters()])
+    assert not torch.equal(result[0], init)                                 # they did train

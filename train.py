@@ -1,0 +1,796 @@
+# SPDX-License-Identifier: MIT
+"""
+train.py -- one training loop for every stage of both papers.
+
+Stages
+  vae     the image autoencoder (Stable Diffusion's KL-f8 architecture) trained on the dataset; it
+          stands in for SD's frozen VAE when no SD weights are given
+  1       LDMSeg stage 1: the shallow mask autoencoder                          [LDMSeg §3.1]
+  2       LDMSeg stage 2: the image-conditioned latent diffusion UNet            [LDMSeg §3]
+          (trains / reuses the image AE and the mask AE first); 'all' is an alias of 2
+
+Contents
+  1. Configuration        TrainConfig (every flag), presets tiny / shapes / coco
+  2. Run bookkeeping      devices, seeding, distributed set-up, logging, atomic checkpoints
+  3. Optimisation         AdamW groups, warm-up + cosine LR, EMA
+  4. The training loop    train(cfg, stage): one loop, every stage plugs in a `Stage` object
+  5. Stages               vae, 1, 2 -- each a small class with build / loss / preview / finish
+  6. Command line         python train.py --stage 1 [--preset shapes] ...
+
+Run
+  python train.py --stage vae               # image autoencoder on Shapes (written on first use)
+  python train.py --stage 1                 # mask autoencoder on Shapes
+  torchrun --nproc_per_node=2 train.py ...  # DDP (NCCL on CUDA, gloo on CPU)
+
+Reproducibility
+  Every random draw of step k (noise, timesteps, id remaps, point samples) comes from a generator
+  seeded with (seed, rank, k), and the data order of epoch e from (seed, e). A checkpoint therefore
+  only needs the step to resume: N steps straight equal N/2 + --resume + N/2, bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+
+# -----------------------------------------------------------------------------
+# 1. Configuration
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Every training flag; `python train.py --help` lists them with their defaults."""
+    stage: str = "1"                 # which stage to train: vae | 1 | 2 | all (= 2 and what it needs)
+    preset: str = "shapes"           # model / data sizes: tiny | shapes | coco
+    data: str = "data/shapes"        # COCO-format panoptic folder; Shapes is written there if missing
+    out_dir: str = ""                # run folder; default runs/<preset>/<stage>
+    image_size: int = 0              # training resolution; 0 = the preset's
+    crop: int = -1                   # random training crop side (autoencoders); -1 = the preset's, 0 = none
+    max_steps: int = 0               # optimisation steps; 0 = the preset's
+    batch_size: int = 0              # per-process batch; 0 = the preset's
+    lr: float = 0.0                  # peak learning rate; 0 = the preset's
+    weight_decay: float = 0.05       # AdamW decoupled weight decay (none on norms / biases)  # PAPER: LDMSeg 0.05
+    warmup_steps: int = 200          # linear warm-up from 0                                 # PAPER: LDMSeg 200
+    min_lr_ratio: float = 0.01       # cosine decays to lr * this                             # PAPER: 1e-4 -> 1e-6
+    grad_clip: float = 1.0           # max global gradient norm (0 = off)
+    ema_decay: float = 0.999         # EMA of the weights used for sampling and evaluation (0 = off)
+    seed: int = 0                    # seeds data order, augmentation and every random draw
+    device: str = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+    dtype: str = "auto"              # autocast dtype: auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
+    compile: bool = False            # torch.compile the model (same numbers, faster on GPU)
+    num_workers: int = 2             # DataLoader worker processes
+    log_every: int = 50              # steps between log lines
+    preview_every: int = 500         # steps between preview PNGs (0 = only at the end)
+    ckpt_every: int = 1000           # steps between checkpoints (always one at the end)
+    eval_images: int = 0             # val images for the end-of-run evaluation; 0 = all
+    resume: str = ""                 # checkpoint (or run folder) to continue from
+    stop_after: int = 0              # end this invocation after N steps with a checkpoint (0 = run to max-steps)
+    num_train: int = 4000            # Shapes images written when --data does not exist
+    num_val: int = 200               # Shapes val images written when --data does not exist
+    image_vae: str = ""              # image autoencoder checkpoint (run folder or file); default: train / reuse runs/<preset>/vae
+    mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
+    eval_steps: int = 50             # sampling steps of the end-of-run evaluation (DDIM)    # PAPER: DDIM 50
+
+
+# Per (preset, stage) values for the fields left at 0 above. Shapes numbers are sized so each stage
+# finishes in minutes on a 2-core CPU; coco follows the papers (LDMSeg Appendix A).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny":   {"vae": dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3),
+               "1":   dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3)},
+    # DEVIATION: the Shapes autoencoders train on random 64^2 crops of the 128^2 images (both are
+    # fully convolutional, so they run at 128^2 afterwards); 4x fewer FLOPs per step on a CPU.
+    "shapes": {"vae": dict(image_size=128, crop=64, max_steps=1500, batch_size=16, lr=1e-3),
+               "1":   dict(image_size=128, crop=64, max_steps=1500, batch_size=16, lr=1e-3)},
+    "coco":   {"vae": dict(image_size=512, max_steps=100_000, batch_size=8, lr=4.5e-6),
+               "1":   dict(image_size=512, max_steps=66_000, batch_size=16, lr=1e-4)},   # PAPER: LDMSeg AE
+}
+PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=5)
+PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=3000, batch_size=16, lr=5e-4)
+PRESETS["coco"]["2"] = dict(image_size=512, max_steps=200_000, batch_size=32, lr=1e-4)   # PAPER: x 8 GPUs = 256
+
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the 0 / empty fields from the preset; the result is what the run uses and saves."""
+    if cfg.stage == "all":                     # the whole first-paper pipeline = stage 2 + what it needs
+        cfg = dataclasses.replace(cfg, stage="2")
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
+    if cfg.stage not in PRESETS[cfg.preset]:
+        raise SystemExit(f"unknown --stage {cfg.stage!r}; choose from {sorted(PRESETS[cfg.preset])}")
+    values = dict(PRESETS[cfg.preset][cfg.stage])
+    values.setdefault("crop", 0)
+    unset = lambda k: getattr(cfg, k) == (-1 if k == "crop" else type(getattr(cfg, k))())  # 0, 0.0, "" or -1
+    out = dataclasses.replace(cfg, **{k: v for k, v in values.items() if unset(k)})
+    if not out.out_dir:
+        out.out_dir = str(Path("runs") / out.preset / f"stage{out.stage}" if out.stage.isdigit()
+                          else Path("runs") / out.preset / out.stage)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 2. Run bookkeeping: devices, seeds, processes, logs, checkpoints
+# -----------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto picks cuda > mps > cpu; under torchrun each process takes its LOCAL_RANK GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        name = "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 (no autocast) elsewhere -- CPU bf16 is slower, not faster."""
+    if cfg.dtype == "fp32" or (cfg.dtype == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for every random draw of one training step: a pure function of (seed, rank, step)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63))
+    return g
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs (used only by weight initialisation)."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torchrun launch (world 1 when run plainly)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return Dist()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+class Logger:
+    """Prints on rank 0 and appends the same lines to <run>/log.txt."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool = True):
+        self.path = run_dir / "log.txt" if run_dir and enabled else None
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        print(msg, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+
+CKPT_FORMAT = "ldmseg-pdm-checkpoint/1"
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write a checkpoint atomically: temporary file, fsync, rename. A crash leaves the old one intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": CKPT_FORMAT, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A run folder or a checkpoint file -> the checkpoint file (clear error when there is none)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "ckpt.pt"
+    if not p.is_file():
+        raise SystemExit(f"{path}: no checkpoint here (expected a file or a run folder with ckpt.pt)")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike, stage: str | None = None) -> dict:
+    """Load a checkpoint safely (weights_only=True: nothing in it is executed) and check its kind."""
+    p = find_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SystemExit(f"{p}: not a loadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"{p}: not a checkpoint of this project (no '{CKPT_FORMAT}' format tag)")
+    if stage is not None and ckpt["stage"] != stage:
+        raise SystemExit(f"{p}: a stage-{ckpt['stage']} checkpoint, but stage {stage} is needed here")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# 3. Optimisation: AdamW, learning-rate schedule, EMA
+# -----------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; norms, biases and embeddings' 1-d parameters get no weight decay.
+
+    PAPER: LDMSeg uses AdamW 1e-4, wd 0.05 with wd 0 on norm layers [LDMSeg brief §3.4].
+    The fused kernel on CUDA, the multi-tensor (foreach) one on CPU.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **kwargs)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine from lr to lr * min_lr_ratio at max_steps.
+
+    The warm-up lasts warmup_steps, capped at a tenth of the run so short runs are not all warm-up.
+    """
+    warmup = min(cfg.warmup_steps, cfg.max_steps // 10)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, kept in fp32 (frozen parts are not copied).
+
+    The decay is warmed up as min(decay, (1 + k) / (10 + k)) so early averages are not dominated by
+    the random initialisation (the common practice of the DDPM / LDM code bases).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        names, params = zip(*[(k, p) for k, p in model.named_parameters() if k in self.shadow])
+        torch._foreach_lerp_([self.shadow[k] for k in names], [p.float() for p in params], 1 - d)
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Put the averaged weights into `model` (a copy of the trained one)."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in self.shadow.items():
+                params[k].copy_(v.to(params[k].dtype))
+
+    def state_dict_of(self, model: nn.Module) -> dict:
+        """The model's full state dict with the averaged weights in place of the trained ones."""
+        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in model.state_dict().items()}
+
+
+# -----------------------------------------------------------------------------
+# 4. The training loop
+# -----------------------------------------------------------------------------
+
+
+class Stage:
+    """What differs between stages. The loop in `train` calls, in order:
+    datasets() once, build() once, loss() every step, preview() now and then, finish() at the end.
+    """
+    name = ""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, log: Logger):
+        self.cfg, self.device, self.log = cfg, device, log
+
+    def datasets(self) -> tuple[data.PanopticDataset, data.PanopticDataset]:
+        """(train, val) datasets; Shapes is written to --data first when that folder does not exist."""
+        root = self._data_root()
+        kw = dict(size=self.cfg.image_size, seed=self.cfg.seed, max_segments=self.max_segments())
+        return (data.shapes_dataset(root, "train", train=True, crop=self.cfg.crop, **kw),
+                data.shapes_dataset(root, "val", train=False, **kw))
+
+    def _data_root(self) -> Path:
+        return data.ensure_shapes(self.cfg.data, size=max(self.cfg.image_size, 128), num_train=self.cfg.num_train,
+                                  num_val=self.cfg.num_val, seed=0, log=self.log)
+
+    def max_segments(self) -> int | None:
+        return None
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def model_config(self) -> dict:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def preview(self, model: nn.Module, batch: dict) -> np.ndarray:
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, val: data.PanopticDataset, run_dir: Path) -> dict:
+        return {}
+
+
+def epoch_batches(num_items: int, batch: int, dist: Dist, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's batches of epoch `epoch`: a permutation from (seed, epoch), split across ranks.
+
+    A dataset smaller than one global batch is repeated (an honest way to train on 1 image).
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    need = batch * dist.world
+    perm = torch.randperm(num_items, generator=g)
+    while len(perm) < need:
+        perm = torch.cat([perm, torch.randperm(num_items, generator=g)])
+    per_rank = perm[dist.rank::dist.world].tolist()
+    n = len(perm) // need
+    return [per_rank[i * batch:(i + 1) * batch] for i in range(n)]
+
+
+def batch_stream(ds: data.PanopticDataset, cfg: TrainConfig, dist: Dist, device: torch.device, start: int):
+    """Yield training batches from global step `start` on, in the same order as an uninterrupted run."""
+    per_epoch = len(epoch_batches(len(ds), cfg.batch_size, dist, cfg.seed, 0))
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        ds.set_epoch(epoch)                                   # workers fork after this: they see the epoch
+        batches = epoch_batches(len(ds), cfg.batch_size, dist, cfg.seed, epoch)[offset:]
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
+                                             collate_fn=data.collate, pin_memory=device.type == "cuda")
+        for b in loader:
+            yield {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        epoch, offset = epoch + 1, 0
+
+
+class StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.stop = False
+        self.old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:                                # not the main thread (e.g. some test runners)
+                pass
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def restore(self):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def log_line(step: int, terms: dict[str, float], lr: float, its: float, eta: float) -> str:
+    """'step 000200 | loss 0.0912 (ce 0.0300, dice 0.0600) | lr 1.0e-04 | 14.2 it/s | eta 3m12s'"""
+    rest = ", ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "loss")
+    return (f"step {step:06d} | loss {terms['loss']:.4f}" + (f" ({rest})" if rest else "")
+            + f" | lr {lr:.1e} | {its:.2f} it/s | eta {format_eta(eta)}")
+
+
+def save_preview(img: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train one stage. Returns the final metrics (also written to <run>/metrics.json)."""
+    cfg = resolve(cfg)
+    device = pick_device(cfg.device)
+    dist = init_distributed(device)
+    run_dir = Path(cfg.out_dir)
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = Logger(run_dir, dist.main)
+    seed_everything(cfg.seed)
+    stage = STAGES[cfg.stage](cfg, device, log)
+    model = stage.build().to(device)
+    train_ds, val_ds = stage.datasets()
+    opt = make_optimizer(model, cfg, device)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    start = _maybe_resume(cfg, model, opt, ema, log)
+    if dist.main:
+        data.write_json(run_dir / "config.json", {"train": dataclasses.asdict(cfg), "model": stage.model_config()})
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"stage {cfg.stage} | preset {cfg.preset} | {n_params / 1e6:.3f} M parameters | device {device} | "
+        f"{len(train_ds)} train / {len(val_ds)} val images | batch {cfg.batch_size} x {dist.world} | "
+        f"steps {start} -> {cfg.max_steps}")
+    step = _loop(cfg, stage, model, opt, ema, train_ds, device, dist, run_dir, log, start)
+    if step < cfg.max_steps:                                   # --stop-after: no final evaluation yet
+        return {}
+    return _finish(cfg, stage, model, opt, ema, val_ds, dist, run_dir, log, step)
+
+
+def _maybe_resume(cfg, model, opt, ema, log) -> int:
+    """Load model, optimizer and EMA from --resume; return the step to continue from."""
+    if not cfg.resume:
+        return 0
+    ckpt = load_checkpoint(cfg.resume, cfg.stage)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.shadow = {k: ckpt["ema"][k].float().to(v.device) for k, v in ema.shadow.items()}
+    log(f"resumed from {cfg.resume} at step {ckpt['step']}")
+    return int(ckpt["step"])
+
+
+def _train_step(cfg, stage, model, fwd, opt, ema, batch, step, dist, amp) -> dict[str, torch.Tensor]:
+    """One optimisation step: forward under autocast, backward, clip, AdamW, EMA."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    gen = step_generator(cfg.seed, dist.rank, step, batch["image"].device)
+    with torch.autocast(batch["image"].device.type, dtype=amp, enabled=amp is not None):
+        terms = stage.loss(fwd, batch, gen)
+    terms["loss"].backward()
+    if cfg.grad_clip:
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model, step)
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def _loop(cfg, stage, model, opt, ema, train_ds, device, dist, run_dir, log, start) -> int:
+    """Steps start..max_steps with logging, previews, checkpoints and a clean stop on SIGINT / SIGTERM."""
+    fwd = torch.compile(model) if cfg.compile else model
+    if dist.world > 1:
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = autocast_dtype(cfg, device)
+    stream = batch_stream(train_ds, cfg, dist, device, start)
+    stopper, t0, sums, count, step = StopFlag(), time.time(), {}, 0, start
+    preview_batch = None
+    try:
+        for step in range(start, cfg.max_steps):
+            batch = next(stream)
+            preview_batch = preview_batch or {k: (v[:4] if isinstance(v, torch.Tensor) else v[:4]) for k, v in batch.items()}
+            terms = _train_step(cfg, stage, model, fwd, opt, ema, batch, step, dist, amp)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float()
+            count += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                avg = {k: (v / count).item() for k, v in sums.items()}
+                if not math.isfinite(avg["loss"]):
+                    raise FloatingPointError(f"non-finite loss at step {done}; the last good checkpoint "
+                                             f"in {run_dir} is kept. Try a lower --lr or --dtype fp32.")
+                its = (done - start) / (time.time() - t0)
+                log(log_line(done, avg, lr_at(step, cfg), its, (cfg.max_steps - done) / max(its, 1e-9)))
+                sums, count = {}, 0
+            if dist.main and cfg.preview_every and done % cfg.preview_every == 0:
+                _preview(stage, model, ema, preview_batch, run_dir / f"preview_{done:06d}.png")
+            if dist.main and done % cfg.ckpt_every == 0 and done < cfg.max_steps:
+                _save(cfg, stage, model, opt, ema, done, run_dir)
+            step = done
+            if stopper.stop:
+                log(f"stopped by signal at step {done}; saving a checkpoint (resume with --resume {run_dir})")
+                if dist.main:
+                    _save(cfg, stage, model, opt, ema, done, run_dir)
+                raise SystemExit(130)
+            if cfg.stop_after and done - start >= cfg.stop_after and done < cfg.max_steps:
+                log(f"--stop-after {cfg.stop_after}: stopping at step {done} (continue with --resume {run_dir})")
+                if dist.main:
+                    _save(cfg, stage, model, opt, ema, done, run_dir)
+                return step
+    finally:
+        stopper.restore()
+    if dist.main and preview_batch is not None:
+        _preview(stage, model, ema, preview_batch, run_dir / "preview_final.png")
+    return step
+
+
+def _ema_model(model: nn.Module, ema: EMA | None) -> nn.Module:
+    """A copy of the model holding the EMA weights (the model itself when EMA is off)."""
+    if ema is None:
+        return model
+    import copy
+    m = copy.deepcopy(model)
+    ema.copy_to(m)
+    return m
+
+
+@torch.no_grad()
+def _preview(stage, model, ema, batch, path) -> None:
+    m = _ema_model(model, ema).eval()
+    save_preview(stage.preview(m, batch), path)
+    model.train()
+
+
+def _save(cfg, stage, model, opt, ema, step, run_dir, metrics=None) -> None:
+    save_checkpoint(run_dir / "ckpt.pt", {
+        "stage": cfg.stage, "step": step, "config": dataclasses.asdict(cfg),
+        "model_config": stage.model_config(), "model": model.state_dict(),
+        "ema": ema.state_dict_of(model) if ema is not None else None, "optimizer": opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state()}, "metrics": metrics or {}})
+
+
+def _finish(cfg, stage, model, opt, ema, val_ds, dist, run_dir, log, step) -> dict:
+    """Final checkpoint, the stage's evaluation on val (EMA weights), metrics.json."""
+    metrics = {}
+    if dist.main:
+        _save(cfg, stage, model, opt, ema, step, run_dir)
+        m = _ema_model(model, ema).eval()
+        with torch.no_grad():
+            metrics = stage.finish(m, val_ds, run_dir)
+        _save(cfg, stage, model, opt, ema, step, run_dir, metrics)   # model_config may have gained e.g. a scale
+        data.write_json(run_dir / "metrics.json", metrics)
+        if metrics:
+            log("final | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        log(f"checkpoint: {run_dir / 'ckpt.pt'}")
+    if dist.world > 1:
+        import torch.distributed as tdist
+        tdist.barrier()
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# 5. Stages
+# -----------------------------------------------------------------------------
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def grid(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """Tile equally sized (H, W, 3) uint8 pictures into one picture, rows x columns."""
+    return np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+
+
+def val_batches(ds: data.PanopticDataset, batch_size: int, limit: int = 0):
+    """Evaluation batches in dataset order (the first `limit` images; 0 = all)."""
+    n = len(ds) if not limit else min(limit, len(ds))
+    for lo in range(0, n, batch_size):
+        yield data.collate([ds[i] for i in range(lo, min(lo + batch_size, n))])
+
+
+class ImageAEStage(Stage):
+    """The image autoencoder (SD KL-f8 architecture), trained when no SD VAE weights are given.
+
+    It stands in for SD's frozen VAE on Shapes; at the end its latent scale factor is measured as
+    1 / std of the posterior means on val -- how SD's 0.18215 was obtained [LDM §4.3.2 / App.].
+    """
+    name = "vae"
+
+    def build(self) -> nn.Module:
+        import ldmseg
+        self.mcfg = ldmseg.ImageAEConfig.preset(self.cfg.preset)
+        return ldmseg.ImageAutoencoder(self.mcfg)
+
+    def model_config(self) -> dict:
+        return dataclasses.asdict(self.mcfg)
+
+    def loss(self, model, batch, generator):
+        import ldmseg
+        recon, mean, logvar = model(batch["image"], generator=generator)
+        return ldmseg.vae_loss(recon, batch["image"], mean, logvar, self.mcfg.kl_weight)
+
+    def preview(self, model, batch) -> np.ndarray:
+        """Rows: image | reconstruction."""
+        recon = model(batch["image"], sample_posterior=False)[0]
+        return grid([[to_uint8(x), to_uint8(r)] for x, r in zip(batch["image"], recon)])
+
+    def finish(self, model, val, run_dir) -> dict:
+        """PSNR of reconstructions on val and the latent scale factor 1 / std(mean)."""
+        latents, se, n = [], 0.0, 0
+        for b in val_batches(val, self.cfg.batch_size, self.cfg.eval_images):
+            x = b["image"].to(self.device)
+            mean = model.encode_mean(x)
+            recon = model.decode(mean).clamp(-1, 1)
+            mse = ((recon - x) / 2).pow(2).flatten(1).mean(1)             # in [0, 1] units
+            se += (10 * torch.log10(1 / mse.clamp_min(1e-10))).sum().item()
+            n += len(x)
+            latents.append(mean.float().cpu())
+        std = torch.cat(latents).std().item()
+        self.mcfg.scale_factor = 1.0 / std
+        return {"psnr": se / n, "latent_std": std, "scale_factor": self.mcfg.scale_factor}
+
+
+class MaskAEStage(Stage):
+    """LDMSeg stage 1: the shallow mask autoencoder on randomly remapped ids.  [LDMSeg §3.1]"""
+    name = "1"
+
+    def build(self) -> nn.Module:
+        import ldmseg
+        self.mcfg = ldmseg.MaskAEConfig.preset(self.cfg.preset)
+        return ldmseg.MaskAutoencoder(self.mcfg)
+
+    def model_config(self) -> dict:
+        return dataclasses.asdict(self.mcfg)
+
+    def max_segments(self) -> int:
+        return 2 ** self.mcfg.num_bits - 1
+
+    def loss(self, model, batch, generator):
+        import ldmseg
+        K = self.mcfg.num_bits
+        ids = data.remap_ids(batch["segments"], K, generator)            # PAPER: fresh random ids per sample
+        logits, mean, logvar = model(data.ids_to_bits(ids, K), generator=generator)
+        return ldmseg.mask_ae_loss(logits.float(), ids, mean.float(), logvar.float(), self.mcfg, generator)
+
+    def reconstruct(self, model, segments: torch.Tensor) -> torch.Tensor:
+        """ids (B, H, W) -> bits -> encoder mean -> decoder -> argmax ids (B, H, W)."""
+        bits = data.ids_to_bits(segments, self.mcfg.num_bits)
+        mean, _ = model.encode(bits)
+        return model.decode_full(mean, segments.shape[-2:]).argmax(1)
+
+    def preview(self, model, batch) -> np.ndarray:
+        """Rows: image | ground truth | reconstruction."""
+        rec = self.reconstruct(model, batch["segments"])
+        return grid([[to_uint8(x), data.colorize(s), data.colorize(r)]
+                     for x, s, r in zip(batch["image"], batch["segments"], rec)])
+
+    def finish(self, model, val, run_dir) -> dict:
+        """Class-agnostic PQ and mean IoU of id -> AE -> argmax reconstructions on val."""
+        import evaluate
+        acc = evaluate.PQAccumulator(None, class_agnostic=True)
+        ious, latents = [], []
+        for b in val_batches(val, self.cfg.batch_size, self.cfg.eval_images):
+            seg = b["segments"].to(self.device)
+            latents.append(model.encode(data.ids_to_bits(seg, self.mcfg.num_bits))[0].float().cpu())
+            rec = self.reconstruct(model, seg).cpu()
+            for gt, pr, info in zip(b["segments"], rec, b["segments_info"]):
+                acc.add(gt, info, pr, data.make_segments_info(pr.numpy()))
+                ious.append(segment_miou(gt, pr))
+        res = acc.compute()["All"]
+        # Diffusion sees s_t * mean with s_t = 1 / std: unit-variance latents, as SD's 0.18215 made
+        # its image latents (LDMSeg reuses 0.18215 for its own AE; ours is measured instead).
+        std = torch.cat(latents).std().item()
+        self.mcfg.scale_factor = 1.0 / std
+        return {"pq": res["pq"], "sq": res["sq"], "rq": res["rq"], "miou": float(np.mean(ious)),
+                "latent_std": std, "scale_factor": self.mcfg.scale_factor}
+
+
+def segment_miou(gt: torch.Tensor, pred: torch.Tensor) -> float:
+    """Mean over the ground-truth segments of IoU(gt == k, pred == k) -- ids must correspond."""
+    ids = [k for k in gt.unique().tolist() if k != 0]
+    if not ids:
+        return 1.0
+    return float(np.mean([((gt == k) & (pred == k)).sum().item() / ((gt == k) | (pred == k)).sum().item()
+                          for k in ids]))
+
+
+def prerequisite(cfg: TrainConfig, stage: str, path: str, log: Logger) -> dict:
+    """The checkpoint of an earlier stage: `path` if given, else runs/<preset>/<stage>, trained now if missing."""
+    if path:
+        return load_checkpoint(path, stage)
+    sub = TrainConfig(stage=stage, preset=cfg.preset, data=cfg.data, seed=cfg.seed, device=cfg.device,
+                      dtype=cfg.dtype, compile=cfg.compile, num_workers=cfg.num_workers,
+                      num_train=cfg.num_train, num_val=cfg.num_val)
+    run = Path(resolve(sub).out_dir)
+    if not (run / "ckpt.pt").exists() or not load_checkpoint(run, stage).get("metrics"):
+        log(f"no finished stage-{stage} run in {run}: training it first")
+        train(sub)
+    else:
+        log(f"reusing the stage-{stage} run in {run}")
+    return load_checkpoint(run, stage)
+
+
+class LDMSegStage(Stage):
+    """LDMSeg stage 2: the image-conditioned latent diffusion model.  [LDMSeg §3]"""
+    name = "2"
+
+    def build(self) -> nn.Module:
+        import ldmseg
+        vae = prerequisite(self.cfg, "vae", self.cfg.image_vae, self.log)
+        mae = prerequisite(self.cfg, "1", self.cfg.mask_ae, self.log)
+        self.mcfg = ldmseg.LDMSegConfig(unet=ldmseg.UNetConfig.preset(self.cfg.preset),
+                                        mask_ae=mae["model_config"], image_ae=vae["model_config"])
+        self.net = ldmseg.LDMSeg(self.mcfg)
+        self.net.image_ae.load_state_dict(vae["ema"] or vae["model"])     # the EMA weights, frozen
+        self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])
+        return self.net
+
+    def model_config(self) -> dict:
+        return dataclasses.asdict(self.mcfg)
+
+    def max_segments(self) -> int:
+        return 2 ** self.mcfg.mask_ae.num_bits - 1
+
+    def loss(self, model, batch, generator):
+        import ldmseg
+        ids = data.remap_ids(batch["segments"], self.mcfg.mask_ae.num_bits, generator)
+        z0, z_image = self.net.encode_ids(ids), self.net.encode_image(batch["image"])
+        valid = ldmseg.void_mask_latent(batch["segments"], *z0.shape[-2:])
+        return ldmseg.ldmseg_loss(model, self.mcfg, self.net.schedule, z0.float(), z_image.float(), valid, generator)
+
+    def preview(self, model, batch) -> np.ndarray:
+        """Rows: image | ground truth | DDIM-20 sample (fixed generator)."""
+        import ldmseg
+        pred = ldmseg.segment(model, batch["image"], steps=20, generator=torch.Generator().manual_seed(0))
+        return grid([[to_uint8(x), data.colorize(s), data.colorize(p)]
+                     for x, s, p in zip(batch["image"], batch["segments"], pred)])
+
+    def finish(self, model, val, run_dir) -> dict:
+        """Class-agnostic PQ on val: DDIM (eval_steps) and DPM-Solver++ (20 steps)."""
+        import evaluate
+        out = {}
+        for sampler, steps in (("ddim", self.cfg.eval_steps), ("dpm++", 20)):
+            res = evaluate.evaluate_segmentation(model, val, sampler=sampler, steps=steps, batch_size=self.cfg.batch_size,
+                                                 limit=self.cfg.eval_images, device=self.device,
+                                                 pictures=run_dir / f"val_{sampler}{steps}" if sampler == "ddim" else None)
+            out.update({f"{k}_{sampler}{steps}": v for k, v in res.items()})
+        return out
+
+
+STAGES: dict[str, type[Stage]] = {"vae": ImageAEStage, "1": MaskAEStage, "2": LDMSegStage}
+
+
+# -----------------------------------------------------------------------------
+# 6. Command line
+# -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags generated from TrainConfig: kebab-case names, the field comment as help, defaults shown."""
+    p = argparse.ArgumentParser(description="Train a stage of LDMSeg / PDM.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = _field_comments(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = comments.get(f.name, f.name)
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=typ, default=f.default, help=help_text)
+    return p
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing '# ...' comment of every dataclass field, read from this file's source."""
+    import inspect
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "#" in rest and name.isidentifier():
+            out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
