@@ -160,6 +160,32 @@ def make_segments_info(ids: np.ndarray, categories: dict[int, int] | None = None
     return out
 
 
+class PanopticWriter:
+    """Write predictions as a COCO panoptic folder: out/panoptic/<name>.png + out/panoptic.json.
+
+    This is the format panopticapi's pq_compute and `evaluate.py --pred-json/--pred-dir` read.
+    """
+
+    def __init__(self, out: str | os.PathLike, categories: list[dict] | None = None):
+        self.out = Path(out)
+        (self.out / "panoptic").mkdir(parents=True, exist_ok=True)
+        self.categories = categories or [{"id": 1, "name": "segment", "supercategory": "segment", "isthing": 1}]
+        self.images, self.annotations = [], []
+
+    def add(self, file_name: str, image_id: int | str, ids: np.ndarray, categories: dict[int, int] | None = None) -> None:
+        """ids: (H, W) int segment ids of one image (0 = void); categories: {id: category_id} (default 1)."""
+        name = Path(file_name).stem + ".png"
+        write_panoptic_png(self.out / "panoptic" / name, ids)
+        self.images.append({"id": image_id, "file_name": file_name, "height": int(ids.shape[0]), "width": int(ids.shape[1])})
+        self.annotations.append({"image_id": image_id, "file_name": name,
+                                 "segments_info": make_segments_info(ids, categories)})
+
+    def close(self) -> Path:
+        write_json(self.out / "panoptic.json",
+                   {"images": self.images, "annotations": self.annotations, "categories": self.categories})
+        return self.out / "panoptic.json"
+
+
 def check_annotation(ids: np.ndarray, segments_info: list[dict], where: str) -> None:
     """Check that the PNG and its JSON entry agree; raise PanopticFormatError naming `where` if not."""
     json_ids = [s["id"] for s in segments_info]

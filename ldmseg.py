@@ -1334,9 +1334,27 @@ def sample_latent(model: LDMSeg, z_image: Tensor, *, sampler: str = "ddim", step
 
 @torch.no_grad()
 def segment(model: LDMSeg, image: Tensor, *, sampler: str = "ddim", steps: int = 50,
-            generator: torch.Generator | None = None, known=None, callback=None) -> Tensor:
-    """Panoptic segmentation of images: (B, 3, H, W) in [-1, 1] -> ids (B, H, W) int64, 0 = void."""
+            generator: torch.Generator | None = None, known=None, callback=None,
+            size: tuple[int, int] | None = None) -> Tensor:
+    """Panoptic segmentation of images: (B, 3, H, W) in [-1, 1] -> ids (B, H, W) int64, 0 = void.
+
+    size: decode the logits at this size instead of (H, W) -- LDMSeg evaluates at each image's
+    original size, resizing logits bilinearly before the argmax [LDMSeg brief §4.4].
+    """
     z0 = sample_latent(model, model.encode_image(image), sampler=sampler, steps=steps,
                        generator=generator, known=known, callback=callback)
+    return decode_panoptic(model, z0, size or tuple(image.shape[-2:]))
+
+
+def decode_panoptic(model: LDMSeg, z0: Tensor, size: tuple[int, int]) -> Tensor:
+    """Panoptic latent z_0 (B, 4, h, w) -> ids (B, *size) int64 through the mask AE and thresholds."""
     c = model.config
-    return panoptic_from_logits(model.decode_latent(z0, image.shape[-2:]), c.mask_th, c.count_th, c.overlap_th)
+    return panoptic_from_logits(model.decode_latent(z0, size), c.mask_th, c.count_th, c.overlap_th)
+
+
+def load_ldmseg(ckpt: dict, use_ema: bool = True) -> LDMSeg:
+    """Rebuild the stage-2 model from a checkpoint dict (train.load_checkpoint): config + weights."""
+    model = LDMSeg(LDMSegConfig(**ckpt["model_config"]))
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(weights)
+    return model.eval()

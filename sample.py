@@ -86,6 +86,7 @@ Left out
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Union
 
@@ -882,3 +883,107 @@ def gaussian_flow(z: Tensor, t_from: int, t_to: int, mu, std, schedule: NoiseSch
     v_from = a_from ** 2 * std ** 2 + (noise_scale * s_from) ** 2               # V at t_from
     v_to = a_to ** 2 * std ** 2 + (noise_scale * s_to) ** 2                     # V at t_to
     return a_to * mu + (v_to / v_from).sqrt() * (z.double().cpu() - a_from * mu)
+
+
+# -----------------------------------------------------------------------------
+# 10. Command line
+# -----------------------------------------------------------------------------
+# python sample.py --task panoptic --ckpt RUN --image IMG [IMG ...] | --split val   (LDMSeg)
+# The models live downstream of this file (ldmseg.py imports it), so main() imports them late.
+
+
+def build_parser() -> "argparse.ArgumentParser":
+    import argparse
+    p = argparse.ArgumentParser(description="Sample a trained model: segment images (LDMSeg).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=["panoptic"], default="panoptic",
+                   help="panoptic: segment images with an LDMSeg stage-2 checkpoint")
+    p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
+    src = p.add_argument_group("inputs (one of)")
+    src.add_argument("--image", nargs="+", default=[], help="image files to segment")
+    src.add_argument("--split", default="", help="segment a dataset split instead (e.g. val)")
+    src.add_argument("--data", default="", help="dataset folder for --split; default: the checkpoint's")
+    p.add_argument("--limit", type=int, default=0, help="with --split: only the first N images (0 = all)")
+    p.add_argument("--out-dir", default="samples", help="where pictures and COCO-format predictions go")
+    p.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default="ddim", help="sampler")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (model calls)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
+    p.add_argument("--save-trajectory", action="store_true",
+                   help="also write a strip of the decoded map at 8 points of the denoising")
+    p.add_argument("--raw-weights", action="store_true", help="use the trained weights, not their EMA")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda")
+    return p
+
+
+def _inputs(args, train_cfg: dict):
+    """Yield (file_name, image_id, image tensor (3, S, S) in [-1, 1], original (H, W)) per input."""
+    import numpy as np
+    from PIL import Image
+    import data
+    size = train_cfg["image_size"]
+    if args.image:
+        for k, path in enumerate(args.image):
+            im = data.read_image(path)
+            x = np.asarray(im.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1.0
+            yield Path(path).name, k, torch.from_numpy(x).permute(2, 0, 1), (im.height, im.width)
+        return
+    ds = data.shapes_dataset(args.data or train_cfg["data"], args.split, size=size)
+    for i in range(len(ds) if not args.limit else min(args.limit, len(ds))):
+        item = ds[i]
+        yield item["file_name"], item["image_id"], item["image"], item["orig_size"]
+
+
+def _trajectory_strip(model, frames: list, size) -> "np.ndarray":
+    """Decode the x0 estimates collected along the sampling path into one row of coloured maps."""
+    import numpy as np
+    import data
+    import ldmseg
+    maps = [data.colorize(ldmseg.decode_panoptic(model, x0, size)[0]) for x0 in frames]
+    return np.concatenate(maps, axis=1)
+
+
+def segment_images(args, model, train_cfg: dict, device) -> Path:
+    """The panoptic task: segment every input, write coloured maps, overlays and COCO predictions."""
+    import numpy as np
+    from PIL import Image
+    import data
+    import ldmseg
+    out = Path(args.out_dir)
+    writer = data.PanopticWriter(out)
+    gen = torch.Generator().manual_seed(args.seed)
+    for file_name, image_id, x, orig in _inputs(args, train_cfg):
+        frames: list = []
+        keep = set(np.linspace(0, args.steps - 1, 8).round().astype(int).tolist())
+        cb = (lambda i, t, x_t, x0: frames.append(x0) if i in keep else None) if args.save_trajectory else None
+        ids = ldmseg.segment(model, x[None].to(device), sampler=args.sampler, steps=args.steps,
+                             generator=gen, callback=cb, size=orig)[0].cpu().numpy()
+        writer.add(file_name, image_id, ids)
+        rgb = np.asarray(Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8))
+                         .resize(orig[::-1], Image.BICUBIC))
+        stem = Path(file_name).stem
+        Image.fromarray(data.colorize(ids)).save(out / f"{stem}_color.png")
+        Image.fromarray(data.overlay(rgb, ids)).save(out / f"{stem}_overlay.png")
+        if frames:
+            Image.fromarray(_trajectory_strip(model, frames, orig)).save(out / f"{stem}_trajectory.png")
+        print(f"{file_name}: {len(np.unique(ids[ids > 0]))} segments")
+    path = writer.close()
+    print(f"wrote pictures and COCO panoptic predictions ({path}) to {out}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import train
+    import ldmseg
+    if not args.image and not args.split:
+        raise SystemExit("give --image IMG [IMG ...] or --split NAME")
+    device = train.pick_device(args.device)
+    ckpt = train.load_checkpoint(args.ckpt, "2")
+    model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights).to(device)
+    segment_images(args, model, ckpt["config"], device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
