@@ -611,7 +611,7 @@ class PanopticDataset(torch.utils.data.Dataset):
       segments_info  list of {id (contiguous), category_id, iscrowd, isthing, area}
       caption        str ('' when the folder has none)
       depth          (H, W) float32 metres, 0 = unknown (only when the folder has depth)
-      image_id, file_name, orig_size (H0, W0)
+      image_id, file_name, orig_size (H0, W0), index (idx), flipped (bool)
     """
 
     def __init__(self, files: SplitFiles, *, size: int | tuple[int, int] | None = 128, train: bool = False,
@@ -711,7 +711,8 @@ class PanopticDataset(torch.utils.data.Dataset):
         caps = self.captions.get(im_meta["file_name"], [""])
         rng = np.random.default_rng([self.seed, self.epoch, idx, 1])
         out.update(segments_info=info, caption=caps[int(rng.integers(len(caps)))] if self.train else caps[0],
-                   image_id=im_meta["id"], file_name=im_meta["file_name"], orig_size=(H0, W0))
+                   image_id=im_meta["id"], file_name=im_meta["file_name"], orig_size=(H0, W0),
+                   index=idx, flipped=flip)
         return out
 
     def _random_crop(self, idx, image, contig, category, depth):

@@ -46,7 +46,8 @@ Deviations from the paper / official code (and why)
     all-reduces that count over GPUs first. Identical on one device; under DDP each process then
     weighs its own masks (a small change in relative weighting, not in the optimum).
   * DEVIATION: the `shapes` / `tiny` presets use narrower networks, fewer bits (Shapes has at most
-    12 segments) and fewer loss points (12,544 scaled by image area: 784 at 128^2, 49 at 32^2).
+    11 segments) and fewer loss points (12,544 scaled by the training crop's area: 196 at 64^2,
+    49 at 32^2).
   * DEVIATION: the image autoencoder is trained here (on Shapes, when no SD weights are given) with
     L1 + tiny KL only; Stable Diffusion adds LPIPS and a patch GAN. Shapes images are flat colours
     and simple textures, for which L1 alone reconstructs well; real SD weights load unchanged.
@@ -261,10 +262,11 @@ class MaskAEConfig:
 
     _PRESETS: ClassVar[dict[str, dict]] = {
         "coco": {},
-        # 128^2 Shapes images, <= 12 segments: 6 bits (63 ids), widths 16..64 instead of 32..256.
-        # Points scale with image area: 12544 * (128 / 512)^2 = 784.
-        "shapes": dict(num_bits=6, block_channels=(16, 32, 64, 64), mid_channels=64,
-                       upsample_channels=64, norm_groups=16, num_points=784),
+        # 128^2 Shapes images hold <= 11 segments: 5 bits (31 ids, LDMSeg's ~3x headroom at 7 bits
+        # for COCO's ~40), widths 16..32 instead of 32..256. Trained on 64^2 crops, so the points
+        # scale with the crop's area: 12544 * (64 / 512)^2 = 196.
+        "shapes": dict(num_bits=5, block_channels=(16, 32, 32, 32), mid_channels=32,
+                       upsample_channels=32, norm_groups=8, num_points=196),
         # 32^2 test images: 12544 * (32 / 512)^2 = 49 points.
         "tiny": dict(num_bits=4, block_channels=(8, 8, 16, 16), mid_channels=16,
                      upsample_channels=16, norm_groups=4, num_points=49),

@@ -1,0 +1,166 @@
+"""Tests of the LDMSeg diffusion model (ldmseg.py §8-9) and the stage-2 commands end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import ldmseg
+import sample
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
+
+
+def test_unet_input_has_map_image_and_self_condition_channels(tiny_model):
+    assert tiny_model.unet.conv_in.in_channels == 12
+    z = torch.randn(2, 4, 4, 4)
+    assert tiny_model(z, torch.tensor([5, 900]), z).shape == (2, 4, 4, 4)
+
+
+def test_zero_initialised_inputs_make_the_new_model_ignore_the_image(tiny_model):
+    z_t, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 500])
+    a = tiny_model(z_t, t, torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4))
+    b = tiny_model(z_t, t, torch.randn(2, 4, 4, 4) * 5, None)
+    assert torch.equal(a, b)
+
+
+def test_config_round_trips_through_a_plain_dict():
+    import dataclasses
+    cfg = ldmseg.LDMSegConfig.preset("tiny")
+    again = ldmseg.LDMSegConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert again == cfg
+
+
+def test_min_snr_weight_values():
+    schedule = sample.NoiseSchedule("scaled_linear", 1000)
+    t = torch.tensor([0, 99, 249, 300, 999])
+    w = ldmseg.min_snr_weight(schedule.snr(t), 2.0)
+    # PAPER brief §3.3: w(0) ~ 0.0017, w(99) ~ 0.233, w(249) ~ 0.961, w(>= 255) = 1
+    assert w[0].item() == pytest.approx(0.0017, abs=2e-4)
+    assert w[1].item() == pytest.approx(0.233, abs=2e-3)
+    assert w[2].item() == pytest.approx(0.961, abs=2e-3)
+    assert w[3].item() == 1.0 and w[4].item() == 1.0
+
+
+def test_void_cells_are_masked_out_of_the_loss(tiny_model):
+    z0, z_img = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    none = torch.zeros(2, 1, 4, 4)
+    out = ldmseg.ldmseg_loss(tiny_model, tiny_model.config, tiny_model.schedule, z0, z_img, none,
+                             torch.Generator().manual_seed(0))
+    assert out["loss"].item() == 0.0
+    ids = torch.zeros(1, 32, 32, dtype=torch.long)
+    ids[:, :16] = 3
+    assert ldmseg.void_mask_latent(ids, 4, 4)[0, 0].tolist() == [[1.0] * 4] * 2 + [[0.0] * 4] * 2
+
+
+def test_overfitting_one_batch_lowers_the_diffusion_loss():
+    torch.manual_seed(0)
+    model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    z0, z_img, valid = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4), torch.ones(4, 1, 4, 4)
+
+    def loss_at(seed):
+        return ldmseg.ldmseg_loss(model, model.config, model.schedule, z0, z_img, valid,
+                                  torch.Generator().manual_seed(seed))["loss"]
+    first = sum(loss_at(s).item() for s in range(8))
+    for step in range(100):
+        opt.zero_grad()
+        loss_at(step % 8).backward()
+        opt.step()
+    assert sum(loss_at(s).item() for s in range(8)) < 0.6 * first
+
+
+def _logits_for(ids: torch.Tensor, num_classes: int, margin: float = 10.0) -> torch.Tensor:
+    """Logits (1, C, H, W) whose argmax is `ids` with a confident margin."""
+    logits = torch.full((1, num_classes, *ids.shape), -margin)
+    logits[0].scatter_(0, ids[None], margin)
+    return logits
+
+
+def test_post_processing_keeps_confident_segments_and_removes_tiny_ones():
+    ids = torch.zeros(64, 64, dtype=torch.long)
+    ids[:, 32:] = 5
+    ids[10:20, 5:15] = 7                                                     # 100 px
+    ids[0, 0] = 9                                                            # 1 px: below the area threshold
+    out = ldmseg.panoptic_from_logits(_logits_for(ids, 16), count_th=512.0)  # 512 at 512^2 = 8 px at 64^2
+    assert set(out.unique().tolist()) == {0, 5, 7}
+    assert (out[0][ids == 5] == 5).all() and out[0, 0, 0] == 0
+
+
+def test_post_processing_edge_cases_all_void_one_segment_and_low_confidence():
+    ids = torch.zeros(32, 32, dtype=torch.long)
+    assert ldmseg.panoptic_from_logits(_logits_for(ids, 8)).max() == 0       # channel 0 never forms a segment
+    one = torch.full((32, 32), 3)
+    assert (ldmseg.panoptic_from_logits(_logits_for(one, 8)) == 3).all()
+    flat = torch.zeros(1, 8, 32, 32)                                         # uniform softmax: 1/8 < 0.5
+    assert ldmseg.panoptic_from_logits(flat).max() == 0
+
+
+def test_sampling_with_self_conditioning_feeds_each_call_the_previous_estimate(tiny_model):
+    seen = []
+    real_forward = tiny_model.forward
+
+    def spy(z_t, t, z_image, x0_self=None):
+        seen.append(None if x0_self is None else x0_self.clone())
+        return real_forward(z_t, t, z_image, x0_self)
+    tiny_model.forward = spy
+    try:
+        ldmseg.sample_latent(tiny_model, torch.zeros(1, 4, 4, 4), steps=3, generator=torch.Generator().manual_seed(0))
+    finally:
+        del tiny_model.forward
+    assert seen[0] is None and all(s is not None for s in seen[1:]) and len(seen) == 3
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def stage2_run(tmp_path_factory):
+    import train
+    root = tmp_path_factory.mktemp("e2e")
+    shapes = root / "shapes"
+    data.write_shapes(shapes, size=32, num_train=8, num_val=3, seed=0, workers=1, log=lambda *_: None)
+    common = ["--preset", "tiny", "--data", str(shapes), "--num-workers", "0", "--preview-every", "0",
+              "--device", "cpu", "--max-steps", "3", "--log-every", "3"]
+    train.main(["--stage", "vae", "--out-dir", str(root / "vae"), *common])
+    train.main(["--stage", "1", "--out-dir", str(root / "s1"), *common])
+    metrics = train.main(["--stage", "2", "--out-dir", str(root / "s2"), "--image-vae", str(root / "vae"),
+                          "--mask-ae", str(root / "s1"), *common])
+    return root, shapes, metrics
+
+
+def test_train_stage2_reports_pq_for_both_samplers(stage2_run):
+    root, _, metrics = stage2_run
+    assert {"pq_ddim3", "sq_ddim3", "rq_ddim3", "pq_dpm++2"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith(("pq", "sq", "rq")))
+    assert (root / "s2" / "val_ddim3" / "grid.png").exists()
+
+
+def test_sample_cli_writes_maps_overlays_trajectory_and_coco_predictions(stage2_run, tmp_path):
+    root, shapes, _ = stage2_run
+    img = next((shapes / "val").iterdir())
+    sample.main(["--task", "panoptic", "--ckpt", str(root / "s2"), "--image", str(img), "--steps", "4",
+                 "--out-dir", str(tmp_path), "--save-trajectory", "--device", "cpu"])
+    stem = img.stem
+    for suffix in ("_color.png", "_overlay.png", "_trajectory.png"):
+        assert (tmp_path / f"{stem}{suffix}").exists()
+    pred = json.loads((tmp_path / "panoptic.json").read_text())
+    ids = data.read_panoptic_png(tmp_path / "panoptic" / f"{stem}.png")
+    data.check_annotation(ids, pred["annotations"][0]["segments_info"], "prediction")
+
+
+def test_evaluate_cli_samples_the_val_split_and_writes_files_panopticapi_reads(stage2_run, tmp_path, capsys):
+    import evaluate
+    root, shapes, _ = stage2_run
+    assert evaluate.main(["--ckpt", str(root / "s2"), "--steps", "3", "--out-dir", str(tmp_path),
+                          "--device", "cpu"]) == 0
+    assert "class-agnostic PQ" in capsys.readouterr().out
+    # The written predictions re-score to the same PQ through the file path.
+    again = evaluate.evaluate_files(str(shapes / "annotations" / "panoptic_val.json"), str(tmp_path / "panoptic.json"),
+                                    str(shapes / "annotations" / "panoptic_val"), str(tmp_path / "panoptic"),
+                                    class_agnostic=True)
+    assert again["All"]["pq"] == pytest.approx(json.loads((tmp_path / "metrics.json").read_text())["pq"])
