@@ -21,7 +21,8 @@ Contents
   4. Mean Count Difference       [PDM suppl. §5.3, brief §7.1] for generated category maps
   5. Depth metrics               AbsRel, RMSE, delta < 1.25 on valid pixels
   6. Evaluating a trained model  sample the val split with an LDMSeg checkpoint, write COCO-format
-                                 predictions, score them (also used at the end of training)
+                                 predictions, score them (also used at the end of training);
+                                 mask inpainting: PQ against the fraction of the map given
   7. Command line                python evaluate.py --gt-json ... --pred-json ...  |  --ckpt RUN
 Not here yet: FID (a later section and mode of the same CLI).
 
@@ -29,6 +30,7 @@ Run
   python evaluate.py --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
   python evaluate.py ... --class-agnostic --workers 0 --out result.json   # LDMSeg's protocol
   python evaluate.py --ckpt runs/shapes/stage2 [--sampler dpm++ --steps 20]  # a trained model
+  python evaluate.py --ckpt runs/shapes/stage2 --task inpaint --mode sparse --given 0.1,0.5,0.9
   python benchmarks/pq_speed.py                                           # speed against PNG decoding
 
 Shape legend
@@ -726,6 +728,97 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+@torch.no_grad()
+def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Sequence[float],
+                        sampler: str = "ddim", steps: int = 50, limit: int = 0, seed: int = 0) -> list[dict]:
+    """PQ of inpainted maps as a function of the fraction of the map given.  [LDMSeg §5]
+
+    For image i the known region is drawn from a generator seeded with (seed, i), so every fraction
+    sees the same images; sparse masks are nested (a block given at 0.3 is given at 0.5). PQ scores
+    the model's own output over the whole image -- the given pixels are *not* pasted back -- so it
+    measures how much the hint helped. `kept` is the share of given pixels whose id the model kept.
+    """
+    import ldmseg
+    device = next(model.parameters()).device
+    f = model.mask_ae.downsample_factor
+    n = len(ds) if not limit else min(limit, len(ds))
+    rows = []
+    for g in given:
+        acc, kept, total = PQAccumulator(None, class_agnostic=True), 0, 0
+        for i in range(n):
+            item = ds[i]
+            gt = item["segments"]
+            h, w = gt.shape[0] // f, gt.shape[1] // f
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            cells = (ldmseg.sparse_known_mask(h, w, g, block=max(1, round(2 * gt.shape[0] / 512)), generator=gen)
+                     if mode == "sparse" else ldmseg.global_known_mask(h, w, g, generator=gen))
+            pixel = cells.repeat_interleave(f, 0).repeat_interleave(f, 1).bool() & (gt > 0)
+            _, pred = ldmseg.inpaint(model, item["image"][None].to(device), torch.where(pixel, gt, 0), cells,
+                                     sampler=sampler, steps=steps, generator=gen)
+            acc.add(gt, item["segments_info"], pred, data.make_segments_info(pred.numpy()))
+            kept += int((pred[pixel] == gt[pixel]).sum())
+            total += int(pixel.sum())
+        res = acc.compute()["All"]
+        rows.append({"mode": mode, "given": g, "pq": res["pq"], "sq": res["sq"], "rq": res["rq"],
+                     "kept": kept / total if total else float("nan"), "images": n})
+    return rows
+
+
+def plot_curves(rows: list[dict], path: str | os.PathLike) -> None:
+    """A small line plot of PQ against the fraction given, one line per mode (PIL only)."""
+    from PIL import ImageDraw
+    W, H, m = 420, 300, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
+    to_xy = lambda g, pq: (m + g * (W - 1.5 * m), H - m - pq * (H - 1.5 * m))
+    for k in range(6):
+        y, x = to_xy(0, k / 5)[1], to_xy(k / 5, 0)[0]
+        d.text((4, y - 6), f"{k / 5:.1f}", fill="black")
+        d.text((x - 8, H - m + 6), f"{k / 5:.1f}", fill="black")
+    d.text((W // 2 - 50, H - 16), "fraction of the map given", fill="black")
+    d.text((4, 2), "PQ", fill="black")
+    for mode, colour in (("sparse", (200, 40, 40)), ("global", (40, 80, 200))):
+        pts = [to_xy(r["given"], r["pq"]) for r in rows if r["mode"] == mode]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        if pts:
+            d.text((pts[-1][0] - 40, pts[-1][1] - 16 if mode == "sparse" else pts[-1][1] + 6), mode, fill=colour)
+    img.save(path)
+
+
+def run_inpainting(args: argparse.Namespace) -> int:
+    """Mode: PQ vs the fraction of the map given (sparse and / or global masks); table + plot."""
+    import ldmseg
+    import train
+    t0 = time.time()
+    device = train.pick_device(args.device)
+    ckpt = train.load_checkpoint(args.ckpt, "2")
+    model = ldmseg.load_ldmseg(ckpt).to(device)
+    cfg = ckpt["config"]
+    ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
+    given = [0.0] + [float(g) for g in args.given.split(",")]
+    rows = []
+    for mode in (["sparse", "global"] if args.mode == "both" else [args.mode]):
+        rows += evaluate_inpainting(model, ds, mode=mode, given=given, sampler=args.sampler, steps=args.steps,
+                                    limit=args.limit, seed=args.seed)
+    out = Path(args.out_dir or Path(args.ckpt if Path(args.ckpt).is_dir() else Path(args.ckpt).parent)
+               / f"inpaint_{args.split}_{args.sampler}{args.steps}")
+    out.mkdir(parents=True, exist_ok=True)
+    print("| mode | given | PQ | SQ | RQ | given ids kept |\n|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['given']:.1f} | {100 * r['pq']:.1f} | {100 * r['sq']:.1f} | {100 * r['rq']:.1f} "
+              f"| {100 * r['kept']:.1f}% |" if r["given"] else
+              f"| {r['mode']} | 0.0 | {100 * r['pq']:.1f} | {100 * r['sq']:.1f} | {100 * r['rq']:.1f} | - |")
+    data.write_json(out / "inpainting.json", rows)
+    plot_curves(rows, out / "inpainting.png")
+    print(f"{rows[0]['images']} {args.split} images, {args.sampler} {args.steps} steps, {time.time() - t0:.0f}s; "
+          f"table and plot in {out}")
+    return 0
+
+
 # -----------------------------------------------------------------------------
 # 7. Command line
 # -----------------------------------------------------------------------------
@@ -753,7 +846,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", help="write the result (panopticapi's structure) to this JSON file")
     c = p.add_argument_group("a trained model (samples the split, writes predictions, scores them)")
     c.add_argument("--ckpt", help="stage-2 run folder or checkpoint")
-    c.add_argument("--task", choices=["panoptic"], default="panoptic", help="what to evaluate")
+    c.add_argument("--task", choices=["panoptic", "inpaint"], default="panoptic",
+                   help="panoptic: segment the split; inpaint: PQ against the fraction of the map given")
+    c.add_argument("--mode", choices=["sparse", "global", "both"], default="both",
+                   help="inpaint: which known-region masks (sparse blocks / large regions)")
+    c.add_argument("--given", default="0.1,0.3,0.5,0.7,0.9",
+                   help="inpaint: fractions of the map given (0 is always added as the baseline)")
     c.add_argument("--data", default="", help="dataset folder; default: the one the checkpoint trained on")
     c.add_argument("--split", default="val", help="split to sample")
     c.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
@@ -801,7 +899,7 @@ def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace):
             parser.error("--gt-json and --pred-json go together")
         return run_files
     if args.ckpt:
-        return run_checkpoint
+        return run_inpainting if args.task == "inpaint" else run_checkpoint
     parser.error("give --gt-json and --pred-json, or --ckpt")
 
 

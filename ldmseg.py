@@ -75,7 +75,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from data import ids_to_bits
-from sample import (NoiseSchedule, ddim_sample, ddpm_sample, dpm_solver_pp_sample,
+from sample import (KnownRegion, NoiseSchedule, ddim_sample, ddpm_sample, dpm_solver_pp_sample,
                     predict_x0_from_eps)
 
 
@@ -1360,3 +1360,128 @@ def load_ldmseg(ckpt: dict, use_ema: bool = True) -> LDMSeg:
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(weights)
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# 10. Mask inpainting                               [LDMSeg §5 (brief §5, §8.7); RePaint §4.1]
+# -----------------------------------------------------------------------------
+# Zero-shot: the stage-2 model is used as trained. The known part of the map is encoded into the
+# latent (bits -> mask AE mean x s_t) and, before every denoising step, the known latent cells of
+# z_t are replaced by q(z_t | z_known) -- the known latent re-noised to the current t -- while the
+# unknown cells are denoised as usual (sample.KnownRegion does this inside every sampler). Why
+# re-noised rather than clean: the network was trained only on consistently noised inputs; a clean
+# patch inside a noisy latent is an input it has never seen (RePaint §4.1, SD's legacy inpainting).
+# `clean=True` gives the other reading of the paper ("keep the latents of known regions fixed").
+# Because ids are arbitrary, the given ids are first mapped to distinct random codes in 1..2^K-1;
+# the known region then anchors which code each given segment keeps, and the output maps codes
+# back to the user's ids. New segments get fresh ids that no given segment uses.
+#
+# Masks live on the latent grid: the known region is imposed cell by cell, so a mask finer than a
+# latent cell (8 px) could not be honoured. PAPER: sparse masks drop independent 16 x 16 px blocks
+# at 512^2 (2 x 2 latent cells) with probability p [LDMSeg brief §5]; the block is scaled with the
+# resolution and never below one cell (8 px at 128^2). Global masks hide large rectangles
+# (BEiT-style block-wise masking, as the official mask generator).
+
+
+def sparse_known_mask(h: int, w: int, given: float, block: int = 2,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """(h, w) float latent-grid mask, 1 = known: independent block x block cells kept with prob `given`."""
+    hb, wb = -(-h // block), -(-w // block)
+    keep = (torch.rand(hb, wb, generator=generator) < given).float()      # (hb, wb)
+    return keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:h, :w]
+
+
+def global_known_mask(h: int, w: int, given: float, generator: torch.Generator | None = None,
+                      min_cells: int = 4, max_tries: int = 10) -> Tensor:
+    """(h, w) latent-grid mask, 1 = known, whose unknown part is large rectangles (BEiT block-wise).
+
+    Rectangles of area U(min_cells, budget left) and log-uniform aspect in [0.3, 1/0.3] are hidden
+    until round((1 - given) * h * w) cells are unknown; a rectangle is accepted only when it hides
+    new cells without exceeding the budget (up to max_tries per rectangle, as the official code).
+    """
+    hidden = torch.zeros(h, w)
+    budget = round((1.0 - given) * h * w)
+    while hidden.sum() < budget:
+        left = budget - int(hidden.sum())
+        for _ in range(max_tries):
+            area = float(torch.empty(1).uniform_(min(min_cells, left), max(left, min_cells), generator=generator))
+            aspect = math.exp(float(torch.empty(1).uniform_(math.log(0.3), math.log(1 / 0.3), generator=generator)))
+            rh = max(1, min(h, round(math.sqrt(area * aspect))))
+            rw = max(1, min(w, round(math.sqrt(area / aspect))))
+            top = int(torch.randint(0, h - rh + 1, (1,), generator=generator))
+            lft = int(torch.randint(0, w - rw + 1, (1,), generator=generator))
+            new = 1 - hidden[top:top + rh, lft:lft + rw]
+            if 0 < new.sum() <= left:
+                hidden[top:top + rh, lft:lft + rw] = 1
+                break
+        else:
+            cells = (hidden == 0).nonzero()                               # no rectangle fits: hide single cells
+            pick = cells[torch.randperm(len(cells), generator=generator)[:left]]
+            hidden[pick[:, 0], pick[:, 1]] = 1
+    return 1 - hidden
+
+
+def codes_for_given_ids(given_ids: Tensor, num_bits: int, generator: torch.Generator | None = None) -> dict[int, int]:
+    """{user id: code in 1..2^K-1} for the non-zero ids of a partial map (one image, any integers)."""
+    user = [int(i) for i in given_ids.unique().tolist() if i != 0]
+    capacity = 2 ** num_bits - 1
+    if len(user) > capacity:
+        raise ValueError(f"the given map has {len(user)} segments but the model holds {capacity} ids "
+                         f"({num_bits} bits); merge or drop the smallest segments first")
+    codes = (torch.randperm(capacity, generator=generator)[:len(user)] + 1).tolist()
+    return dict(zip(user, codes))
+
+
+def _apply(table: dict[int, int], ids: Tensor) -> Tensor:
+    """Map every value of ids through table (values not in it -> 0)."""
+    out = torch.zeros_like(ids)
+    for a, b in table.items():
+        out[ids == a] = b
+    return out
+
+
+@torch.no_grad()
+def inpaint(model: LDMSeg, image: Tensor, given_ids: Tensor, known: Tensor, *, sampler: str = "ddim",
+            steps: int = 50, clean: bool = False, generator: torch.Generator | None = None,
+            callback=None) -> tuple[Tensor, Tensor]:
+    """Complete a partial panoptic map of one image.
+
+    image (1, 3, H, W) in [-1, 1]; given_ids (H, W) int64 user ids (0 = unknown); known (h, w) latent-grid
+    mask, 1 = known (use `known_cells_from_pixels` for a pixel mask). Returns (ids (H, W) in the user's
+    ids, model_ids (H, W): the model's own decoding before the given pixels are pasted back).
+    An empty known region is plain segmentation.
+    """
+    K = model.config.mask_ae.num_bits
+    table = codes_for_given_ids(given_ids, K, generator)
+    codes = _apply(table, given_ids)[None].to(image.device)               # (1, H, W) in 1..2^K-1
+    z_known = model.encode_ids(codes)                                     # (1, 4, h, w)
+    region = KnownRegion(z_known, known[None, None].to(image.device), clean=clean) if known.any() else None
+    z0 = sample_latent(model, model.encode_image(image), sampler=sampler, steps=steps,
+                       generator=generator, known=region, callback=callback)
+    pred = decode_panoptic(model, z0, tuple(given_ids.shape))[0].cpu()    # (H, W) codes
+    model_ids = codes_to_user_ids(pred, table)
+    out = model_ids.clone()
+    pixel_known = given_ids > 0
+    out[pixel_known] = given_ids[pixel_known]                              # the user's ids where given
+    return out, model_ids
+
+
+def codes_to_user_ids(pred: Tensor, table: dict[int, int]) -> Tensor:
+    """Decoded codes (H, W) -> the user's ids via `table` {user id: code}; other codes get fresh ids
+    above every given id (so a new segment never merges with a given one); 0 stays void."""
+    back = {c: u for u, c in table.items()}
+    fresh = max(list(table) + [0]) + 1
+    out = torch.zeros_like(pred)
+    for c in pred.unique().tolist():
+        if c in back:
+            out[pred == c] = back[c]
+        elif c:
+            out[pred == c] = fresh
+            fresh += 1
+    return out
+
+
+def known_cells_from_pixels(pixel_known: Tensor, factor: int = 8, min_share: float = 1.0) -> Tensor:
+    """(H, W) bool pixel mask -> (H/f, W/f) latent-cell mask: a cell is known when >= min_share of it is."""
+    share = F.avg_pool2d(pixel_known[None, None].float(), factor)[0, 0]    # (h, w)
+    return (share >= min_share - 1e-6).float()

@@ -889,6 +889,7 @@ def gaussian_flow(z: Tensor, t_from: int, t_to: int, mu, std, schedule: NoiseSch
 # 10. Command line
 # -----------------------------------------------------------------------------
 # python sample.py --task panoptic --ckpt RUN --image IMG [IMG ...] | --split val   (LDMSeg)
+# python sample.py --task inpaint --ckpt RUN --image IMG --known-map PARTIAL.png     (LDMSeg §5)
 # The models live downstream of this file (ldmseg.py imports it), so main() imports them late.
 
 
@@ -896,14 +897,20 @@ def build_parser() -> "argparse.ArgumentParser":
     import argparse
     p = argparse.ArgumentParser(description="Sample a trained model: segment images (LDMSeg).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=["panoptic"], default="panoptic",
-                   help="panoptic: segment images with an LDMSeg stage-2 checkpoint")
+    p.add_argument("--task", choices=["panoptic", "inpaint"], default="panoptic",
+                   help="panoptic: segment images with an LDMSeg stage-2 checkpoint; "
+                        "inpaint: complete a partial panoptic map (--image + --known-map)")
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
     src = p.add_argument_group("inputs (one of)")
     src.add_argument("--image", nargs="+", default=[], help="image files to segment")
     src.add_argument("--split", default="", help="segment a dataset split instead (e.g. val)")
     src.add_argument("--data", default="", help="dataset folder for --split; default: the checkpoint's")
     p.add_argument("--limit", type=int, default=0, help="with --split: only the first N images (0 = all)")
+    inp = p.add_argument_group("inpainting (--task inpaint)")
+    inp.add_argument("--known-map", default="", help="partial map: COCO id PNG or colour PNG; black / 0 = unknown")
+    inp.add_argument("--known-mask", default="", help="optional mask PNG: white = known (default: map != 0)")
+    inp.add_argument("--clean-known", action="store_true",
+                     help="paste the clean known latent at every step instead of re-noising it to t")
     p.add_argument("--out-dir", default="samples", help="where pictures and COCO-format predictions go")
     p.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default="ddim", help="sampler")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (model calls)")
@@ -972,6 +979,62 @@ def segment_images(args, model, train_cfg: dict, device) -> Path:
     return path
 
 
+def _read_known(args, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The partial map (H, W) int64 user ids and the pixel known-mask (H, W) bool, at `size`.
+
+    A map of another size is resized nearest (label maps are never interpolated), with a notice.
+    """
+    import numpy as np
+    from PIL import Image
+    import data
+    with Image.open(args.known_map) as im:
+        arr = np.asarray(im.convert("RGB")) if im.mode in ("RGB", "RGBA", "P") else np.asarray(im)
+    ids = data.rgb2id(arr) if arr.ndim == 3 else arr.astype(np.int64)
+    if ids.shape != size:
+        print(f"note: --known-map is {ids.shape[1]}x{ids.shape[0]}, the image {size[1]}x{size[0]}: resized (nearest)")
+        ids = data.nearest_resize(ids, size)
+    known = ids > 0
+    if args.known_mask:
+        with Image.open(args.known_mask) as im:
+            known = data.nearest_resize(np.asarray(im.convert("L")) > 127, size) & known
+    return torch.from_numpy(np.where(known, ids, 0)), torch.from_numpy(known)
+
+
+def inpaint_image(args, model, train_cfg: dict, device) -> Path:
+    """The inpaint task: complete --known-map for --image; write map, colour, overlay and a figure."""
+    import numpy as np
+    from PIL import Image
+    import data
+    import ldmseg
+    if len(args.image) != 1 or not args.known_map:
+        raise SystemExit("--task inpaint needs one --image and a --known-map")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = train_cfg["image_size"]
+    im = data.read_image(args.image[0])
+    x = torch.from_numpy(np.asarray(im.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1.0)
+    given, pixel_known = _read_known(args, (size, size))
+    cells = ldmseg.known_cells_from_pixels(pixel_known, model.mask_ae.downsample_factor)
+    if not cells.any():
+        print("note: no 8x8 latent cell is fully known: plain segmentation")
+    ids, _ = ldmseg.inpaint(model, x.permute(2, 0, 1)[None].to(device), given, cells, sampler=args.sampler,
+                            steps=args.steps, clean=args.clean_known,
+                            generator=torch.Generator().manual_seed(args.seed))
+    ids = data.nearest_resize(ids.numpy(), (im.height, im.width))
+    given_full = data.nearest_resize(given.numpy(), (im.height, im.width))
+    stem = Path(args.image[0]).stem
+    rgb = np.asarray(im)
+    data.write_panoptic_png(out / f"{stem}_completed.png", ids)
+    Image.fromarray(data.colorize(ids)).save(out / f"{stem}_completed_color.png")
+    Image.fromarray(data.overlay(rgb, ids)).save(out / f"{stem}_overlay.png")
+    figure = np.concatenate([rgb, data.colorize(given_full), data.colorize(ids)], axis=1)
+    Image.fromarray(figure).save(out / f"{stem}_inpaint.png")
+    print(f"{stem}: {int(pixel_known.float().mean() * 100)}% of pixels given, {len(np.unique(ids[ids > 0]))} "
+          f"segments; wrote {stem}_completed.png (ids), _completed_color.png, _overlay.png, _inpaint.png "
+          f"(image | given | completed) to {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import train
@@ -981,7 +1044,13 @@ def main(argv: list[str] | None = None) -> int:
     device = train.pick_device(args.device)
     ckpt = train.load_checkpoint(args.ckpt, "2")
     model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights).to(device)
-    segment_images(args, model, ckpt["config"], device)
+    try:
+        if args.task == "inpaint":
+            inpaint_image(args, model, ckpt["config"], device)
+        else:
+            segment_images(args, model, ckpt["config"], device)
+    except ValueError as exc:                   # bad input (e.g. too many given segments): one clear line
+        raise SystemExit(f"error: {exc}") from None
     return 0
 
 

@@ -1,0 +1,132 @@
+"""Tests of mask inpainting (ldmseg.py §10, sample.py --task inpaint, evaluate.py --task inpaint)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import ldmseg
+
+
+@pytest.mark.parametrize("given", [0.1, 0.5, 0.9])
+def test_sparse_mask_keeps_blocks_with_probability_given(given):
+    g = torch.Generator().manual_seed(0)
+    share = torch.stack([ldmseg.sparse_known_mask(16, 16, given, block=2, generator=g) for _ in range(200)]).mean()
+    assert share.item() == pytest.approx(given, abs=0.02)
+
+
+def test_sparse_masks_are_nested_across_fractions_for_one_seed():
+    lo = ldmseg.sparse_known_mask(16, 16, 0.3, generator=torch.Generator().manual_seed(5))
+    hi = ldmseg.sparse_known_mask(16, 16, 0.7, generator=torch.Generator().manual_seed(5))
+    assert bool((hi >= lo).all()) and hi.sum() > lo.sum()
+
+
+@pytest.mark.parametrize("given", [0.1, 0.5, 0.9])
+def test_global_mask_hides_exactly_the_budget_in_large_regions(given):
+    m = ldmseg.global_known_mask(16, 16, given, generator=torch.Generator().manual_seed(1))
+    assert int((m == 0).sum()) == round((1 - given) * 256)
+
+
+def test_known_cells_need_every_pixel_known():
+    px = torch.zeros(16, 16, dtype=torch.bool)
+    px[:8, :8] = True
+    px[8:, 8:15] = True                                                      # one column short of a full cell
+    assert ldmseg.known_cells_from_pixels(px).tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+def test_too_many_given_segments_is_a_clear_error():
+    with pytest.raises(ValueError, match="holds 15 ids"):
+        ldmseg.codes_for_given_ids(torch.arange(20).reshape(4, 5), 4)
+
+
+class IdealCodec:
+    """An exact 'autoencoder' for maps constant on 8x8 cells: latent = bits averaged per cell (K = 4)."""
+
+    def encode_ids(self, ids):
+        return F.avg_pool2d(data.ids_to_bits(ids, 4), 8)
+
+    def decode_latent(self, z, size):
+        codes = data.ids_to_bits(torch.arange(16).view(1, 16, 1), 4)[0, :, :, 0].T   # (16, 4) bits of each id
+        logits = 20 * (torch.einsum("ck,bkhw->bchw", codes, z) - 3.0)   # > 0 only for the exact code
+        return F.interpolate(logits, size=size, mode="nearest")
+
+
+def test_given_ids_survive_inpainting_with_an_ideal_autoencoder(monkeypatch):
+    model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
+    codec = IdealCodec()
+    monkeypatch.setattr(model, "encode_ids", codec.encode_ids)
+    monkeypatch.setattr(model, "decode_latent", codec.decode_latent)
+    # Denoiser oracle that knows nothing: it predicts x0 = 0, i.e. eps = z_t / sigma_t.
+    monkeypatch.setattr(model, "forward", lambda z_t, t, z_image, x0_self=None:
+                        z_t / model.schedule.sigma(t).view(-1, 1, 1, 1))
+    gt = torch.zeros(32, 32, dtype=torch.long)
+    gt[:, :16], gt[:, 16:] = 1000, 77                                         # user ids, any integers
+    gt[:8, 16:24] = 5
+    cells = torch.tensor([[1.0, 0, 1, 1], [1, 0, 0, 1], [0, 1, 0, 1], [1, 1, 1, 0]])
+    pixel = cells.repeat_interleave(8, 0).repeat_interleave(8, 1).bool()
+    out, own = ldmseg.inpaint(model, torch.zeros(1, 3, 32, 32), torch.where(pixel, gt, 0), cells, steps=5,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.equal(own[pixel], gt[pixel])                               # the model's own output keeps them
+    assert torch.equal(out[pixel], gt[pixel]) and (own[~pixel] == 0).all()    # nothing invented
+
+
+def test_new_segments_get_fresh_ids_that_never_collide_with_given_ones():
+    pred = torch.tensor([[3, 3, 9], [0, 7, 7]])
+    out = ldmseg.codes_to_user_ids(pred, {1000: 3, 5: 12})
+    assert out[0, 0] == 1000 and out[1, 0] == 0
+    assert {out[0, 2].item(), out[1, 1].item()} == {1001, 1002}
+
+
+def test_clean_known_region_is_pasted_unchanged_at_every_step():
+    import sample
+    model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
+    z_known, mask = torch.randn(1, 4, 4, 4), (torch.rand(1, 1, 4, 4) > 0.5).float()
+    seen = []
+    ldmseg.sample_latent(model, torch.zeros(1, 4, 4, 4), steps=4, generator=torch.Generator().manual_seed(0),
+                         known=sample.KnownRegion(z_known, mask, clean=True),
+                         callback=lambda i, t, x_t, x0: seen.append(x_t.clone()))
+    assert len(seen) == 4 and all(torch.equal(x[mask.expand_as(x) > 0], z_known[mask.expand_as(x) > 0]) for x in seen)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import train
+    root = tmp_path_factory.mktemp("inp")
+    shapes = root / "shapes"
+    data.write_shapes(shapes, size=32, num_train=4, num_val=2, seed=0, workers=1, log=lambda *_: None)
+    common = ["--preset", "tiny", "--data", str(shapes), "--num-workers", "0", "--preview-every", "0",
+              "--device", "cpu", "--max-steps", "1", "--log-every", "1"]
+    train.main(["--stage", "vae", "--out-dir", str(root / "vae"), *common])
+    train.main(["--stage", "1", "--out-dir", str(root / "s1"), *common])
+    train.main(["--stage", "2", "--out-dir", str(root / "s2"), "--image-vae", str(root / "vae"),
+                "--mask-ae", str(root / "s1"), *common])
+    return root, shapes
+
+
+def test_sample_cli_inpaint_writes_completed_map_keeping_given_ids(tiny_run, tmp_path):
+    import sample
+    root, shapes = tiny_run
+    img = shapes / "val" / "000000000000.png"
+    gt = data.read_panoptic_png(shapes / "annotations" / "panoptic_val" / "000000000000.png")
+    partial = np.where(np.arange(32)[None, :] < 16, gt, 0)
+    data.write_panoptic_png(tmp_path / "partial.png", partial)
+    sample.main(["--task", "inpaint", "--ckpt", str(root / "s2"), "--image", str(img), "--known-map",
+                 str(tmp_path / "partial.png"), "--steps", "3", "--out-dir", str(tmp_path / "o"), "--device", "cpu"])
+    done = data.read_panoptic_png(tmp_path / "o" / "000000000000_completed.png")
+    assert (done[partial > 0] == partial[partial > 0]).all()
+    for name in ("_completed_color.png", "_overlay.png", "_inpaint.png"):
+        assert (tmp_path / "o" / f"000000000000{name}").exists()
+    data.write_panoptic_png(tmp_path / "wrong.png", partial[:16, :16])       # wrong size: resized with a notice
+    sample.main(["--task", "inpaint", "--ckpt", str(root / "s2"), "--image", str(img), "--known-map",
+                 str(tmp_path / "wrong.png"), "--steps", "2", "--out-dir", str(tmp_path / "o2"), "--device", "cpu"])
+    assert (tmp_path / "o2" / "000000000000_completed.png").exists()
+
+
+def test_evaluate_cli_inpaint_prints_a_table_and_writes_a_plot(tiny_run, tmp_path, capsys):
+    import evaluate
+    root, _ = tiny_run
+    assert evaluate.main(["--ckpt", str(root / "s2"), "--task", "inpaint", "--given", "0.5", "--steps", "2",
+                          "--out-dir", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| sparse | 0.5 |" in out and "| global | 0.0 |" in out
+    assert (tmp_path / "inpainting.png").exists() and (tmp_path / "inpainting.json").exists()
