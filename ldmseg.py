@@ -1485,3 +1485,572 @@ def known_cells_from_pixels(pixel_known: Tensor, factor: int = 8, min_share: flo
     """(H, W) bool pixel mask -> (H/f, W/f) latent-cell mask: a cell is known when >= min_share of it is."""
     share = F.avg_pool2d(pixel_known[None, None].float(), factor)[0, 0]    # (h, w)
     return (share >= min_share - 1e-6).float()
+
+
+# -----------------------------------------------------------------------------
+# 11. Weight loading                     [safetensors format; CompVis LDM; diffusers; LDMSeg brief §3.2]
+# -----------------------------------------------------------------------------
+# Stable Diffusion's weights are published in three containers and two naming layouts. This section
+# reads all of them into the modules above, on torch and the standard library alone.
+#
+# Containers (load_weights)
+#   .safetensors  bytes 0-7: n, the header length, a little-endian uint64; then n bytes of UTF-8 JSON
+#                   {name: {"dtype": "F32", "shape": [320, 4, 3, 3], "data_offsets": [begin, end]}, ...,
+#                    "__metadata__": {str: str} (optional)}
+#                 (padded with spaces); then one byte buffer. Offsets count from the buffer's start;
+#                 the tensors tile it exactly, without gaps or overlaps, each row-major and
+#                 little-endian. Nothing in the file is executable: the header is validated and the
+#                 buffer memory-mapped, so a 4 GB file costs no copy until a tensor is used.
+#   .ckpt .pt .pth .bin  torch pickles, read with torch.load(weights_only=True): tensors and plain
+#                 containers only, never code. CompVis .ckpt files wrap the weights in
+#                 {"state_dict": ...} beside their PyTorch Lightning training state, whose objects
+#                 are read as inert stand-ins (_InertStandIn).
+#   diffusers folder  <root>/vae/ and <root>/unet/, each with diffusion_pytorch_model.safetensors
+#                 (or .bin, or shards listed in a .index.json) beside its config.json.
+#
+# Layouts
+#   image AE  CompVis = ours    encoder.down.0.block.0.norm1.weight    encoder.mid.attn_1.q.weight (1x1 conv)
+#             diffusers         encoder.down_blocks.0.resnets.0.norm1  encoder.mid_block.attentions.0.to_q (Linear)
+#             QUIRK: CompVis numbers decoder.up.i by resolution level (0 = full size), diffusers
+#             numbers decoder.up_blocks.u in the order they run (0 = lowest resolution): u = L-1-i.
+#   UNet      diffusers = ours  down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight
+#             CompVis           input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight
+#             CompVis numbers every block of the down path in one sequence (input_blocks.K, K = 0 is
+#             conv_in, a downsampler takes a number of its own), inside it .0 = ResNet, .1 =
+#             transformer; the up path likewise (output_blocks.K, .1 or .2 = upsampler).
+#   A full Stable Diffusion .ckpt holds the image AE under first_stage_model. and the UNet under
+#   model.diffusion_model., beside the text encoder (cond_stage_model.), EMA copies (model_ema.) and
+#   schedule buffers: each loader takes its own prefix and ignores the rest.
+#
+# Renaming is table-driven: a table maps each block prefix of one layout to the other's prefix plus
+# the renames of the layers inside that block (ResNet: in_layers.0 -> norm1, ...). The tables are
+# generated from the configs -- levels, blocks per level, where attention sits -- so the CompVis
+# numbering is derived rather than listed. A load matches the module exactly or fails with one error
+# listing every missing, unexpected and mis-shaped tensor; `drop` holds regular expressions for
+# unexpected names that may be ignored (CROSS_ATTENTION_KEYS when the module has no cross-attention).
+
+import contextlib  # noqa: E402  (standard-library imports used by this section only)
+import json  # noqa: E402
+import mmap  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import zipfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER_BYTES = 100_000_000          # the format's own limit; stops a corrupt length from reading GBs
+
+CROSS_ATTENTION_KEYS = (r"\.attn2\.", r"\.transformer_blocks\.\d+\.norm2\.")  # SD's text cross-attention
+CHECKPOINT_EXTRAS = (r"^loss\.", r"^model_ema\.")  # a standalone CompVis VAE .ckpt: its GAN loss, EMA copies
+
+
+def _check_little_endian() -> None:
+    """safetensors stores little-endian bytes; tensors here are written and read as raw native memory."""
+    if sys.byteorder != "little":
+        raise NotImplementedError("safetensors I/O here assumes a little-endian machine")
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a dict, refusing a name given twice (plain json keeps the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"name {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _naturals(values) -> bool:
+    """A JSON list of non-negative integers (JSON booleans excluded)."""
+    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
+
+
+def _check_entry(name: str, entry, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """One header entry -> (dtype, shape, begin, end); ValueError naming what is wrong."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"{name!r}: an entry needs exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{name!r}: dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
+    if not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2:
+        raise ValueError(f"{name!r}: shape and data_offsets must be lists of non-negative integers")
+    begin, end = offsets
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if not begin <= end <= data_size or end - begin != nbytes:
+        raise ValueError(f"{name!r}: data_offsets {offsets} do not hold {nbytes} bytes inside the "
+                         f"{data_size}-byte buffer")
+    return SAFETENSORS_DTYPES[dtype], tuple(shape), begin, end
+
+
+def _parse_safetensors_header(raw: bytes, data_size: int) -> tuple[dict, dict[str, str]]:
+    """Header bytes -> ({name: (dtype, shape, begin, end)}, metadata), checking the layout rules above."""
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ must map strings to strings")
+    entries = {name: _check_entry(name, entry, data_size) for name, entry in header.items()}
+    position = 0                                                  # the tensors must tile the buffer
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            raise ValueError(f"{name!r} starts at byte {begin}, expected {position} (a gap or an overlap)")
+        position = end
+    if position != data_size:
+        raise ValueError(f"the tensors cover {position} of the {data_size} buffer bytes")
+    return entries, metadata
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, dict[str, str], int]:
+    """(entries, metadata, byte offset of the buffer) of a safetensors file; ValueError naming the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 2 <= n <= min(_MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path}: not a safetensors file: header length {n} does not fit a "
+                             f"{size}-byte file")
+        raw = f.read(n)
+    try:
+        entries, metadata = _parse_safetensors_header(raw, size - 8 - n)
+    except ValueError as e:                                       # includes bad UTF-8 and bad JSON
+        raise ValueError(f"{path}: invalid safetensors header: {e}") from None
+    return entries, metadata, 8 + n
+
+
+def load_safetensors(path) -> dict[str, Tensor]:
+    """Read a .safetensors file -> {name: tensor} on the CPU, in the file's dtypes.
+
+    The tensors share one copy-on-write memory map of the file: nothing is read until used, and
+    writing into a tensor never changes the file.
+    """
+    _check_little_endian()
+    path = Path(path)
+    entries, _, start = _read_safetensors_header(path)
+    with open(path, "rb") as f:
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # the tensors keep it alive
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        if begin == end:                                          # frombuffer refuses empty ranges
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=start + begin).view(shape)
+        # A hand-made file may start a tensor at an offset its dtype cannot be aligned on; copy those.
+        tensors[name] = t if t.data_ptr() % t.element_size() == 0 else t.clone()
+    return tensors
+
+
+def safetensors_metadata(path) -> dict[str, str]:
+    """The optional {str: str} "__metadata__" of a .safetensors file ({} if none)."""
+    return _read_safetensors_header(Path(path))[1]
+
+
+def save_safetensors(tensors: dict[str, Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Write {name: tensor} (dtypes of SAFETENSORS_DTYPES) as a .safetensors file, atomically.
+
+    Tensors go largest element size first, then by name, so each starts aligned to its element size
+    (the header is padded to a multiple of 8); the file appears complete or not at all.
+    """
+    _check_little_endian()
+    by_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.get("__metadata__", {}).items()):
+        raise ValueError("metadata must map strings to strings")
+    blobs, offset = [], 0
+    for name in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+        t = tensors[name]
+        if not isinstance(name, str) or name == "__metadata__" or t.dtype not in by_dtype:
+            raise ValueError(f"cannot store {name!r} ({t.dtype}): names are strings other than "
+                             f"__metadata__, dtypes one of {sorted(SAFETENSORS_DTYPES)}")
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # (numel * itemsize,) raw bytes
+        header[name] = {"dtype": by_dtype[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + data.numel()]}
+        blobs.append(data)
+        offset += data.numel()
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    _atomic_write(Path(path), [len(text).to_bytes(8, "little"), text] + [b.numpy() for b in blobs])
+
+
+def _atomic_write(path: Path, chunks: list) -> None:
+    """Write byte chunks (bytes or uint8 arrays) to a temporary file beside `path`, then rename it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(memoryview(chunk))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class _InertStandIn:
+    """Stands in for the training-state objects CompVis .ckpt files pickle beside their weights.
+
+    PyTorch Lightning's ModelCheckpoint callback and the numpy scalars in its state are not weights,
+    and weights_only=True refuses them. Registered under their names, this class takes any arguments
+    and any state and keeps none: unpickling them then runs no code of theirs, and the weights load.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+_INERT_GLOBALS = [(_InertStandIn, name) for name in (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype", "_codecs.encode")]
+
+
+def _stand_ins():
+    """A context registering the stand-ins: torch >= 2.6 accepts them under another name; else nothing."""
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 6):
+        return torch.serialization.safe_globals(_INERT_GLOBALS)
+    return contextlib.nullcontext()                               # Lightning .ckpt files are then refused
+
+
+def _load_torch_weights(path: Path) -> dict[str, Tensor]:
+    """A torch pickle -> {name: tensor}, never executing code from it; a CompVis state_dict is unwrapped."""
+    try:
+        with _stand_ins():
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e)[:200])
+        reason = reason.split(". ")[0]                            # not torch's advice to allowlist it
+        raise ValueError(f"{path}: refused: not a pickle of tensors and plain containers only (torch: "
+                         f"{reason}); unpickling anything more can run code from the file. Load files "
+                         f"you trust with weights_only=False yourself, or use a .safetensors copy.") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]                                   # CompVis / Lightning .ckpt
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a {{name: tensor}} state dict")
+    others = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if others:
+        raise ValueError(f"{path}: not a flat state dict; these entries are not tensors: {others[:20]}")
+    return dict(obj)
+
+
+_DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+
+
+def _diffusers_weight_files(folder: Path, component: str | None) -> list[Path]:
+    """The weight file(s) of a diffusers model folder (or of its `component` subfolder)."""
+    if component is not None and (folder / component).is_dir():
+        folder = folder / component
+    for name in _DIFFUSERS_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / (name + ".index.json")
+        if index.is_file():                                       # a sharded model
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if any(Path(s).name != s for s in shards):
+                raise ValueError(f"{index}: shard names must be plain file names")
+            return [folder / s for s in shards]
+    where = f"{folder}" + (f" (or its {component}/ subfolder)" if component and folder.name != component else "")
+    raise FileNotFoundError(f"{where}: no diffusers weights; looked for {', '.join(_DIFFUSERS_FILES)}")
+
+
+def load_weights(path, component: str | None = None) -> dict[str, Tensor]:
+    """Read a weight file or a diffusers folder -> {name: tensor} on the CPU, names as stored.
+
+    path: a .safetensors file, a torch pickle (.ckpt, .pt, .pth, .bin; read with weights_only=True,
+    a top-level "state_dict" unwrapped), or a diffusers folder -- a model folder, or a pipeline
+    folder with `component` ("vae", "unet") naming the subfolder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        state = {}
+        for file in _diffusers_weight_files(path, component):
+            state.update(load_weights(file))
+        return state
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weight file or folder")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return _load_torch_weights(path)
+    raise ValueError(f"{path}: unknown weight format {path.suffix!r}: expected .safetensors, .ckpt, "
+                     f".pt, .pth, .bin or a diffusers folder")
+
+
+# Renaming. A table maps block prefixes: {prefix: (other layout's prefix, {layer: other's layer})}.
+
+def _rename(name: str, table: dict[str, tuple[str, dict[str, str]]]) -> str | None:
+    """One parameter name through a block table; None when no block prefix of the table matches.
+
+    The longest dotted prefix found in the table wins; inside the block the first one or two name
+    components are the layer (in_layers.0, skip_connection), renamed when listed.
+    """
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:k]) not in table:
+            continue
+        new_prefix, layers = table[".".join(parts[:k])]
+        rest = parts[k:]
+        for m in (2, 1):
+            if len(rest) > m and ".".join(rest[:m]) in layers:
+                rest = layers[".".join(rest[:m])].split(".") + rest[m:]
+                break
+        return ".".join([new_prefix] + rest)
+    return None
+
+
+def _rename_all(state: dict[str, Tensor], table) -> dict[str, Tensor]:
+    """Rename every tensor through `table`; names it does not know are kept (and later reported)."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        new = _rename(name, table) or name
+        if new in out:
+            raise ValueError(f"two tensors map to {new!r} (one of them {name!r})")
+        out[new] = tensor
+    return out
+
+
+def _invert(table: dict[str, tuple[str, dict[str, str]]]) -> dict[str, tuple[str, dict[str, str]]]:
+    """The table of the opposite direction."""
+    return {new: (old, {b: a for a, b in layers.items()}) for old, (new, layers) in table.items()}
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors under `prefix`, without it, if any name has it; otherwise `state` unchanged."""
+    if not any(k.startswith(prefix) for k in state):
+        return dict(state)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+_VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
+_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_VAE_ATTENTION_LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.14
+
+
+def _vae_table(config: ImageAEConfig) -> dict[str, tuple[str, dict[str, str]]]:
+    """Image AE: CompVis (our) block prefix -> (diffusers prefix, layer renames)."""
+    table = {name: (name, {}) for name in ("quant_conv", "post_quant_conv")}
+    for part in ("encoder", "decoder"):
+        table.update({f"{part}.conv_in": (f"{part}.conv_in", {}), f"{part}.conv_out": (f"{part}.conv_out", {}),
+                      f"{part}.norm_out": (f"{part}.conv_norm_out", {}),
+                      f"{part}.mid.block_1": (f"{part}.mid_block.resnets.0", _VAE_RESNET),
+                      f"{part}.mid.attn_1": (f"{part}.mid_block.attentions.0", _VAE_ATTENTION),
+                      f"{part}.mid.block_2": (f"{part}.mid_block.resnets.1", _VAE_RESNET)})
+    L = len(config.ch_mult)
+    for i in range(L):
+        u = L - 1 - i                                             # QUIRK: reversed decoder numbering
+        table[f"encoder.down.{i}.downsample"] = (f"encoder.down_blocks.{i}.downsamplers.0", {})
+        table[f"decoder.up.{i}.upsample"] = (f"decoder.up_blocks.{u}.upsamplers.0", {})
+        for j in range(config.num_res_blocks + 1):                # the decoder has one block more
+            table[f"encoder.down.{i}.block.{j}"] = (f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET)
+            table[f"decoder.up.{i}.block.{j}"] = (f"decoder.up_blocks.{u}.resnets.{j}", _VAE_RESNET)
+    return table
+
+
+def _is_vae_attention_weight(name: str) -> bool:
+    """The q, k, v and output projections of the image AE's mid attention (CompVis names)."""
+    return re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight", name) is not None
+
+
+def image_ae_state_from_any(state: dict[str, Tensor], config: ImageAEConfig) -> dict[str, Tensor]:
+    """Image AE weights in the CompVis or diffusers layout (optionally under first_stage_model.) -> our names.
+
+    diffusers holds the mid attention's projections as Linear (C, C); ours are 1x1 convs (C, C, 1, 1).
+    """
+    state = _strip_prefix(state, "first_stage_model.")
+    if not any(".down_blocks." in k or ".mid_block." in k for k in state):
+        return state                                              # CompVis: our names already
+    legacy = re.compile(r"(\.mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.")
+    state = {legacy.sub(lambda m: m[1] + _VAE_ATTENTION_LEGACY[m[2]] + ".", k): v for k, v in state.items()}
+    out = _rename_all(state, _invert(_vae_table(config)))
+    return {k: v[:, :, None, None] if _is_vae_attention_weight(k) and v.dim() == 2 else v  # (C, C) -> (C, C, 1, 1)
+            for k, v in out.items()}
+
+
+def to_diffusers_vae_keys(state: dict[str, Tensor], config: ImageAEConfig) -> dict[str, Tensor]:
+    """Our (CompVis) image AE state dict -> diffusers AutoencoderKL names, attention as Linear weights."""
+    state = {k: v[:, :, 0, 0] if _is_vae_attention_weight(k) and v.dim() == 4 else v  # (C, C, 1, 1) -> (C, C)
+             for k, v in state.items()}
+    return _rename_all(state, _vae_table(config))
+
+
+_UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def _unet_down_table(cfg: UNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
+    """CompVis input_blocks.K.M -> diffusers down_blocks, numbered in the order the forward pass runs them."""
+    table = {"input_blocks.0.0": ("conv_in", {})}
+    K, L = 1, len(cfg.block_out_channels)
+    for i in range(L):
+        for j in range(cfg.layers_per_block):
+            table[f"input_blocks.{K}.0"] = (f"down_blocks.{i}.resnets.{j}", _UNET_RESNET)
+            if cfg.attention_levels[i]:
+                table[f"input_blocks.{K}.1"] = (f"down_blocks.{i}.attentions.{j}", {})
+            K += 1
+        if i != L - 1:                                            # a downsampler is a block of its own
+            table[f"input_blocks.{K}.0"] = (f"down_blocks.{i}.downsamplers.0", {"op": "conv"})
+            K += 1
+    return table
+
+
+def _unet_up_table(cfg: UNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
+    """CompVis output_blocks.K.M -> diffusers up_blocks (lowest resolution first in both)."""
+    table, K, L = {}, 0, len(cfg.block_out_channels)
+    for u, level in enumerate(reversed(range(L))):
+        attention = cfg.attention_levels[level]
+        for j in range(cfg.layers_per_block + 1):
+            table[f"output_blocks.{K}.0"] = (f"up_blocks.{u}.resnets.{j}", _UNET_RESNET)
+            if attention:
+                table[f"output_blocks.{K}.1"] = (f"up_blocks.{u}.attentions.{j}", {})
+            if j == cfg.layers_per_block and level != 0:          # the upsampler shares the last block
+                table[f"output_blocks.{K}.{2 if attention else 1}"] = (f"up_blocks.{u}.upsamplers.0", {})
+            K += 1
+    return table
+
+
+def _unet_table(cfg: UNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
+    """UNet: CompVis block prefix -> (diffusers (our) prefix, layer renames). Transformers keep their names."""
+    table = {"time_embed.0": ("time_embedding.linear_1", {}), "time_embed.2": ("time_embedding.linear_2", {}),
+             "middle_block.0": ("mid_block.resnets.0", _UNET_RESNET),
+             "middle_block.1": ("mid_block.attentions.0", {}),
+             "middle_block.2": ("mid_block.resnets.1", _UNET_RESNET),
+             "out.0": ("conv_norm_out", {}), "out.2": ("conv_out", {})}
+    return {**table, **_unet_down_table(cfg), **_unet_up_table(cfg)}
+
+
+def _is_compvis_unet(state: dict[str, Tensor]) -> bool:
+    return any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in state)
+
+
+def unet_state_from_any(state: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    """UNet weights in the diffusers or CompVis layout (optionally under model.diffusion_model.) -> our names.
+
+    `config` fixes the CompVis block numbering (levels, layers per block, attention levels).
+    """
+    state = _strip_prefix(state, "model.diffusion_model.")
+    return _rename_all(state, _unet_table(config)) if _is_compvis_unet(state) else state
+
+
+def to_compvis_unet_keys(state: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    """Our (diffusers) UNet state dict -> CompVis names (prefix them with model.diffusion_model. for a full .ckpt)."""
+    return _rename_all(state, _invert(_unet_table(config)))
+
+
+def _listing(what: str, names: list[str], limit: int = 20) -> str:
+    more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"\n  {len(names)} {what}: " + ", ".join(names[:limit]) + more if names else ""
+
+
+def load_exact(module: nn.Module, state: dict[str, Tensor], source, drop: tuple[str, ...] = ()) -> None:
+    """Copy `state` (our names) into `module`, or raise one ValueError listing everything that does not fit.
+
+    drop: regular expressions (re.search) for unexpected names that may be ignored. Tensors are
+    cast to the module's dtypes.
+    """
+    expected = module.state_dict()
+    unexpected = [k for k in state if k not in expected and not any(re.search(p, k) for p in drop)]
+    missing = [k for k in expected if k not in state]
+    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if unexpected or missing or wrong:
+        hint = ("\n  (pass drop=(regex, ...) to ignore unexpected tensors you know are extra, e.g. "
+                "CROSS_ATTENTION_KEYS)" if unexpected else "")
+        raise ValueError(f"{source}: the weights do not fit {type(module).__name__}:"
+                         + _listing("missing", missing) + _listing("unexpected", unexpected)
+                         + _listing("with the wrong shape", wrong) + hint)
+    module.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+def _empty_module(cls, config) -> nn.Module:
+    """cls(config) with uninitialised CPU parameters, for a load that overwrites every one of them.
+
+    Skips random initialisation (seconds for an 860 M-parameter UNet). Only valid when the module's
+    state dict covers all its tensors, i.e. it has no buffers; otherwise it is built normally.
+    """
+    with torch.device("meta"):
+        module = cls(config)
+    if any(True for _ in module.buffers()):
+        return cls(config)
+    return module.to_empty(device="cpu")
+
+
+def load_image_autoencoder(path, config: ImageAEConfig | None = None,
+                           drop: tuple[str, ...] = CHECKPOINT_EXTRAS) -> ImageAutoencoder:
+    """An image AE from a CompVis or diffusers file, a full SD .ckpt, or a diffusers (pipeline) folder.
+
+    config: the architecture (default: Stable Diffusion's KL-f8). Returns the module in eval mode.
+    """
+    config = config or ImageAEConfig()
+    model = _empty_module(ImageAutoencoder, config)
+    load_exact(model, image_ae_state_from_any(load_weights(path, component="vae"), config), path, drop)
+    return model.eval()
+
+
+def _infer_unet_config(state: dict[str, Tensor]) -> UNetConfig:
+    """SD-1.x shapes with in/out channels and the cross-attention width read from the weights (either layout)."""
+    first = state.get("conv_in.weight", state.get("input_blocks.0.0.weight"))
+    last = state.get("conv_out.weight", state.get("out.2.weight"))
+    to_k = next((v for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
+    if first is None or last is None:
+        raise ValueError("cannot read the UNet's input / output convolutions from these weights; pass a config")
+    return dataclasses.replace(UNetConfig(), in_channels=first.shape[1], out_channels=last.shape[0],
+                               context_dim=None if to_k is None else to_k.shape[1])
+
+
+def load_unet(path, config: UNetConfig | None = None, drop: tuple[str, ...] = ()) -> UNet:
+    """A denoising UNet from a diffusers or CompVis file, a full SD .ckpt, or a diffusers (pipeline) folder.
+
+    config: the architecture; by default SD-1.x shapes with in_channels, out_channels and
+    context_dim read from the weights. drop=CROSS_ATTENTION_KEYS loads SD weights into a config with
+    context_dim=None. Returns the module in eval mode.
+    """
+    state = _strip_prefix(load_weights(path, component="unet"), "model.diffusion_model.")
+    config = config or _infer_unet_config(state)
+    model = _empty_module(UNet, config)
+    load_exact(model, unet_state_from_any(state, config), path, drop)
+    return model.eval()
+
+
+def init_ldmseg_unet_from_sd(model: LDMSeg, sd_unet_state: dict[str, Tensor]) -> list[str]:
+    """Start LDMSeg's UNet from Stable Diffusion's  [LDMSeg brief §3.2]. Returns the frozen parameter names.
+
+    sd_unet_state: SD-1.x UNet weights in either layout, e.g. load_weights(folder, component="unet").
+    1. conv_in is widened from 4 to 12 inputs: the segmentation columns [:, :4] copied from SD, the
+       image and self-condition columns zero, the bias copied -- at initialisation the model is SD
+       applied to z_t alone.  [PAPER]
+    2. Cross-attention (attn2, norm2 of every transformer block) is dropped, unless the LDMSeg UNet
+       was configured with a context_dim (then it must load).  [PAPER: removed]
+    3. The time-embedding MLP is frozen (requires_grad False) -- names "unet.time_embedding.*" as in
+       model.named_parameters(). requires_grad is not saved in a state dict: re-freeze on resume.  [PAPER]
+    """
+    unet = model.unet
+    state = unet_state_from_any(sd_unet_state, unet.config)
+    if "conv_in.weight" not in state:
+        raise ValueError("the Stable Diffusion weights have no conv_in")
+    sd_conv_in = state["conv_in.weight"]                          # (C0, 4, 3, 3)
+    keep = model.config.mask_ae.latent_channels
+    if sd_conv_in.dim() != 4 or sd_conv_in.shape[1] != keep:
+        raise ValueError(f"expected SD's conv_in with {keep} input channels, got shape {tuple(sd_conv_in.shape)}")
+    wide = sd_conv_in.new_zeros(sd_conv_in.shape[0], unet.config.in_channels, *sd_conv_in.shape[2:])
+    wide[:, :keep] = sd_conv_in                                   # (C0, 4, 3, 3) -> (C0, 12, 3, 3), new inputs zero
+    state["conv_in.weight"] = wide
+    drop = CROSS_ATTENTION_KEYS if unet.config.context_dim is None else ()
+    load_exact(unet, state, "Stable Diffusion UNet weights", drop)
+    frozen = []
+    for name, p in model.named_parameters():
+        if name.startswith("unet.time_embedding."):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
