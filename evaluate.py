@@ -705,18 +705,24 @@ def _save_rows(rows: list[np.ndarray], folder: Path) -> None:
     Image.fromarray(np.concatenate(rows, axis=0)).save(folder / "grid.png")
 
 
-def run_checkpoint(args: argparse.Namespace) -> int:
-    """Mode: sample a split with a trained LDMSeg checkpoint, write predictions, print PQ."""
+def _model_and_split(args: argparse.Namespace, kind: str):
+    """(EMA model on the device, the split at the model's size, the output folder) for --ckpt modes."""
     import ldmseg
     import train
-    t0 = time.time()
     device = train.pick_device(args.device)
     ckpt = train.load_checkpoint(args.ckpt, "2")
     model = ldmseg.load_ldmseg(ckpt).to(device)
     cfg = ckpt["config"]
     ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
-    out = Path(args.out_dir or Path(args.ckpt if Path(args.ckpt).is_dir() else Path(args.ckpt).parent)
-               / f"eval_{args.split}_{args.sampler}{args.steps}")
+    run = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+    return model, ds, Path(args.out_dir or run / f"{kind}_{args.split}_{args.sampler}{args.steps}")
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    """Mode: sample a split with a trained LDMSeg checkpoint, write predictions, print PQ."""
+    t0 = time.time()
+    model, ds, out = _model_and_split(args, "eval")
+    device = next(model.parameters()).device
     writer = data.PanopticWriter(out)
     res = evaluate_segmentation(model, ds, sampler=args.sampler, steps=args.steps, batch_size=args.batch_size,
                                 limit=args.limit, device=device, seed=args.seed, pictures=out, writer=writer)
@@ -791,21 +797,13 @@ def plot_curves(rows: list[dict], path: str | os.PathLike) -> None:
 
 def run_inpainting(args: argparse.Namespace) -> int:
     """Mode: PQ vs the fraction of the map given (sparse and / or global masks); table + plot."""
-    import ldmseg
-    import train
     t0 = time.time()
-    device = train.pick_device(args.device)
-    ckpt = train.load_checkpoint(args.ckpt, "2")
-    model = ldmseg.load_ldmseg(ckpt).to(device)
-    cfg = ckpt["config"]
-    ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
+    model, ds, out = _model_and_split(args, "inpaint")
     given = [0.0] + [float(g) for g in args.given.split(",")]
     rows = []
     for mode in (["sparse", "global"] if args.mode == "both" else [args.mode]):
         rows += evaluate_inpainting(model, ds, mode=mode, given=given, sampler=args.sampler, steps=args.steps,
                                     limit=args.limit, seed=args.seed)
-    out = Path(args.out_dir or Path(args.ckpt if Path(args.ckpt).is_dir() else Path(args.ckpt).parent)
-               / f"inpaint_{args.split}_{args.sampler}{args.steps}")
     out.mkdir(parents=True, exist_ok=True)
     print("| mode | given | PQ | SQ | RQ | given ids kept |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -98,7 +98,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # DEVIATION: the Shapes autoencoders train on random 64^2 crops of the 128^2 images (both are
     # fully convolutional, so they run at 128^2 afterwards); 4x fewer FLOPs per step on a CPU.
     "shapes": {"vae": dict(image_size=128, crop=64, max_steps=600, batch_size=16, lr=1e-3),
-               "1":   dict(image_size=128, crop=64, max_steps=1000, batch_size=16, lr=1e-3)},
+               "1":   dict(image_size=128, crop=64, max_steps=1200, batch_size=16, lr=3e-3)},
     "coco":   {"vae": dict(image_size=512, max_steps=100_000, batch_size=8, lr=4.5e-6),
                "1":   dict(image_size=512, max_steps=66_000, batch_size=16, lr=1e-4)},   # PAPER: LDMSeg AE
 }
@@ -645,14 +645,20 @@ class MaskAEStage(Stage):
         import ldmseg
         K = self.mcfg.num_bits
         ids = data.remap_ids(batch["segments"], K, generator)            # PAPER: fresh random ids per sample
-        logits, mean, logvar = model(data.ids_to_bits(ids, K), generator=generator)
+        logits, mean, logvar = model(data.ids_to_bits(ids, K), generator=generator,
+                                     sample_posterior=self.mcfg.sample_posterior)
         return ldmseg.mask_ae_loss(logits.float(), ids, mean.float(), logvar.float(), self.mcfg, generator)
 
     def reconstruct(self, model, segments: torch.Tensor) -> torch.Tensor:
-        """ids (B, H, W) -> bits -> encoder mean -> decoder -> argmax ids (B, H, W)."""
+        """ids (B, H, W) -> bits -> encoder mean -> decoder -> ids (B, H, W), 0 = void.
+
+        Decoded with LDMSeg's thresholds (confidence, area, overlap), as its AE evaluation does and
+        as stage 2 decodes [LDMSeg brief §4.5], so stage-1 PQ bounds what stage 2 can reach.
+        """
+        import ldmseg
         bits = data.ids_to_bits(segments, self.mcfg.num_bits)
         mean, _ = model.encode(bits)
-        return model.decode_full(mean, segments.shape[-2:]).argmax(1)
+        return ldmseg.panoptic_from_logits(model.decode_full(mean, segments.shape[-2:]))
 
     def preview(self, model, batch) -> np.ndarray:
         """Rows: image | ground truth | reconstruction."""
@@ -661,7 +667,7 @@ class MaskAEStage(Stage):
                      for x, s, r in zip(batch["image"], batch["segments"], rec)])
 
     def finish(self, model, val, run_dir) -> dict:
-        """Class-agnostic PQ and mean IoU of id -> AE -> argmax reconstructions on val."""
+        """Class-agnostic PQ and mean IoU of id -> AE -> decoded reconstructions on val."""
         import evaluate
         acc = evaluate.PQAccumulator(None, class_agnostic=True)
         ious, latents = [], []
