@@ -557,6 +557,8 @@ def resolve_split(root: str | os.PathLike, split: str) -> SplitFiles:
     """Find a split in COCO's layout: root/{split}[2017]/ and root/annotations/panoptic_{split}[2017].json.
 
     Works for Shapes (split 'train' / 'val') and for COCO 2017 as downloaded ('train' finds train2017).
+    ADE20k panoptic as detectron2's prepare script writes it: root = ADEChallengeData2016 with
+    images/{training,validation}/, ade20k_panoptic_{train,val}.json and ade20k_panoptic_{train,val}/.
     A flat folder -- root/images/, root/panoptic/, a single root/panoptic*.json and optionally
     root/captions*.json and root/depth/ -- is one split whatever `split` says.
     """
@@ -568,6 +570,10 @@ def resolve_split(root: str | os.PathLike, split: str) -> SplitFiles:
             depth = root / "depth" / name
             return SplitFiles(root / name, pj, root / "annotations" / f"panoptic_{name}",
                               cap if cap.exists() else None, depth if depth.exists() else None)
+    ade = root / f"ade20k_panoptic_{split}.json"                           # ADE20k as detectron2 prepares it
+    if ade.exists():
+        images = root / "images" / {"train": "training", "val": "validation"}.get(split, split)
+        return SplitFiles(images, ade, root / f"ade20k_panoptic_{split}", None, None)
     flat = sorted(root.glob("panoptic*.json"))                             # flat layout: one split in one folder
     if len(flat) == 1 and (root / "images").is_dir() and (root / "panoptic").is_dir():
         caps = sorted(root.glob("captions*.json"))

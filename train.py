@@ -69,7 +69,7 @@ class TrainConfig:
     weight_decay: float = 0.05       # AdamW decoupled weight decay (none on norms / biases)  # PAPER: LDMSeg 0.05
     warmup_steps: int = 200          # linear warm-up from 0                                 # PAPER: LDMSeg 200
     min_lr_ratio: float = 0.01       # cosine decays to lr * this                             # PAPER: 1e-4 -> 1e-6
-    grad_clip: float = 1.0           # max global gradient norm (0 = off)
+    grad_clip: float = -1.0          # max global gradient norm; -1 = the preset's (1.0; 3.0 for the coco AE), 0 = off
     ema_decay: float = 0.999         # EMA of the weights used for sampling and evaluation (0 = off)
     seed: int = 0                    # seeds data order, augmentation and every random draw
     device: str = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
@@ -84,7 +84,8 @@ class TrainConfig:
     stop_after: int = 0              # end this invocation after N steps with a checkpoint (0 = run to max-steps)
     num_train: int = 4000            # Shapes images written when --data does not exist
     num_val: int = 200               # Shapes val images written when --data does not exist
-    image_vae: str = ""              # image autoencoder checkpoint (run folder or file); default: train / reuse runs/<preset>/vae
+    image_vae: str = ""              # image autoencoder: a run / checkpoint of --stage vae, or Stable Diffusion weights (.ckpt, .safetensors, diffusers folder); default: train / reuse runs/<preset>/vae
+    init_unet: str = ""              # start stage 2's UNet from Stable Diffusion 1.x weights (file or diffusers folder)  # PAPER: SD v1.4
     mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
@@ -100,7 +101,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "shapes": {"vae": dict(image_size=128, crop=64, max_steps=600, batch_size=16, lr=1e-3),
                "1":   dict(image_size=128, crop=64, max_steps=1200, batch_size=16, lr=3e-3)},
     "coco":   {"vae": dict(image_size=512, max_steps=100_000, batch_size=8, lr=4.5e-6),
-               "1":   dict(image_size=512, max_steps=66_000, batch_size=16, lr=1e-4)},   # PAPER: LDMSeg AE
+               "1":   dict(image_size=512, max_steps=66_000, batch_size=16, lr=1e-4, grad_clip=3.0)},  # PAPER: LDMSeg AE
 }
 PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=3, eval_dpm_steps=2)
 PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=1500, batch_size=16, lr=5e-4, eval_steps=50, eval_dpm_steps=20)
@@ -119,7 +120,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"unknown --stage {cfg.stage!r}; choose from {sorted(PRESETS[cfg.preset])}")
     values = dict(PRESETS[cfg.preset][cfg.stage])
     values.setdefault("crop", 0)
-    unset = lambda k: getattr(cfg, k) == (-1 if k == "crop" else type(getattr(cfg, k))())  # 0, 0.0, "" or -1
+    values.setdefault("grad_clip", 1.0)                                              # PAPER: LDMSeg 1.0
+    unset = lambda k: getattr(cfg, k) == (-1 if k in ("crop", "grad_clip") else type(getattr(cfg, k))())
     out = dataclasses.replace(cfg, **{k: v for k, v in values.items() if unset(k)})
     if not out.out_dir:
         out.out_dir = str(Path("runs") / out.preset / f"stage{out.stage}" if out.stage.isdigit()
@@ -712,20 +714,54 @@ def prerequisite(cfg: TrainConfig, stage: str, path: str, log: Logger) -> dict:
     return load_checkpoint(run, stage)
 
 
+def _is_run(path: str) -> bool:
+    """True for a run folder (holding ckpt.pt) or a checkpoint file of this project."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "ckpt.pt").exists()
+    if p.suffix == ".pt" and p.is_file():
+        try:
+            return torch.load(p, map_location="meta", weights_only=True).get("format") == CKPT_FORMAT
+        except Exception:
+            return False
+    return False
+
+
 class LDMSegStage(Stage):
     """LDMSeg stage 2: the image-conditioned latent diffusion model.  [LDMSeg §3]"""
     name = "2"
 
     def build(self) -> nn.Module:
         import ldmseg
-        vae = prerequisite(self.cfg, "vae", self.cfg.image_vae, self.log)
+        image_cfg, image_state = self.image_autoencoder()
         mae = prerequisite(self.cfg, "1", self.cfg.mask_ae, self.log)
         self.mcfg = ldmseg.LDMSegConfig(unet=ldmseg.UNetConfig.preset(self.cfg.preset),
-                                        mask_ae=mae["model_config"], image_ae=vae["model_config"])
+                                        mask_ae=mae["model_config"], image_ae=image_cfg)
         self.net = ldmseg.LDMSeg(self.mcfg)
-        self.net.image_ae.load_state_dict(vae["ema"] or vae["model"])     # the EMA weights, frozen
-        self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])
+        self.net.image_ae.load_state_dict(image_state)                   # frozen
+        self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen
+        if self.cfg.init_unet:
+            frozen = ldmseg.init_ldmseg_unet_from_sd(self.net, ldmseg.load_weights(self.cfg.init_unet, component="unet"))
+            self.log(f"UNet initialised from {self.cfg.init_unet}; frozen: {', '.join(frozen)}")
         return self.net
+
+    def image_autoencoder(self) -> tuple[dict, dict]:
+        """(config, weights) of the frozen image AE: a run of --stage vae, or SD's VAE from its weights.
+
+        PAPER: with SD weights the latent scale is SD's 0.18215 [LDMSeg brief §3.1]; a VAE trained here
+        carries the scale measured at the end of its run.
+        """
+        import ldmseg
+        src = self.cfg.image_vae
+        if src and not _is_run(src):
+            ae = ldmseg.load_image_autoencoder(src, ldmseg.ImageAEConfig.preset(self.cfg.preset))
+            self.log(f"image autoencoder: Stable Diffusion weights from {src} (scale {ae.config.scale_factor})")
+            return dataclasses.asdict(ae.config), ae.state_dict()
+        if not src and self.cfg.preset == "coco":
+            raise SystemExit("the coco recipe uses Stable Diffusion's VAE: pass --image-vae PATH "
+                             "(sd-v1-4.ckpt, a .safetensors file or a diffusers folder); see README")
+        vae = prerequisite(self.cfg, "vae", src, self.log)
+        return vae["model_config"], vae["ema"] or vae["model"]
 
     def model_config(self) -> dict:
         return dataclasses.asdict(self.mcfg)

@@ -193,6 +193,17 @@ def test_coco_fixture_loads_any_image_mode_and_applies_training_cleanup(tmp_path
         assert e["category"][10, 20] == 7
 
 
+def test_ade20k_layout_is_found(tmp_path):
+    _coco_fixture(tmp_path / "coco", ["RGB", "L"])
+    ade = tmp_path / "ADEChallengeData2016"
+    (ade / "images").mkdir(parents=True)
+    (tmp_path / "coco" / "val2017").rename(ade / "images" / "validation")
+    (tmp_path / "coco" / "annotations" / "panoptic_val2017").rename(ade / "ade20k_panoptic_val")
+    (tmp_path / "coco" / "annotations" / "panoptic_val2017.json").rename(ade / "ade20k_panoptic_val.json")
+    ds = data.shapes_dataset(ade, "val", size=16)
+    assert len(ds) == 2 and ds[1]["image"].shape == (3, 16, 16)
+
+
 def test_exif_rotated_image_is_upright(tmp_path):
     _coco_fixture(tmp_path, ["RGB"])
     path = tmp_path / "val2017" / "0.png"

@@ -164,3 +164,30 @@ def test_evaluate_cli_samples_the_val_split_and_writes_files_panopticapi_reads(s
                                     str(shapes / "annotations" / "panoptic_val"), str(tmp_path / "panoptic"),
                                     class_agnostic=True)
     assert again["All"]["pq"] == pytest.approx(json.loads((tmp_path / "metrics.json").read_text())["pq"])
+
+
+def test_stage2_starts_from_stable_diffusion_weights_in_both_layouts(stage2_run, tmp_path):
+    """--image-vae with a diffusers folder, --init-unet with a CompVis file: loaded, widened, frozen."""
+    import dataclasses
+    import train
+    root, shapes, _ = stage2_run
+    torch.manual_seed(1)
+    vae = ldmseg.ImageAutoencoder(ldmseg.ImageAEConfig.preset("tiny"))
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    ldmseg.save_safetensors(ldmseg.to_diffusers_vae_keys(vae.state_dict(), vae.config),
+                            tmp_path / "sd" / "vae" / "diffusion_pytorch_model.safetensors")
+    sd_cfg = dataclasses.replace(ldmseg.UNetConfig.preset("tiny"), in_channels=4, context_dim=8)
+    sd_unet = ldmseg.UNet(sd_cfg)
+    ldmseg.save_safetensors({"model.diffusion_model." + k: v for k, v in
+                             ldmseg.to_compvis_unet_keys(sd_unet.state_dict(), sd_cfg).items()}, tmp_path / "sd.safetensors")
+    out = tmp_path / "run"
+    train.main(["--stage", "2", "--preset", "tiny", "--data", str(shapes), "--out-dir", str(out), "--num-workers", "0",
+                "--preview-every", "0", "--device", "cpu", "--max-steps", "2", "--log-every", "2",
+                "--image-vae", str(tmp_path / "sd"), "--mask-ae", str(root / "s1"), "--init-unet", str(tmp_path / "sd.safetensors")])
+    assert "Stable Diffusion weights" in (out / "log.txt").read_text()
+    ckpt = train.load_checkpoint(out, "2")
+    model = ldmseg.load_ldmseg(ckpt, use_ema=False)
+    assert torch.equal(model.image_ae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    assert torch.equal(model.unet.time_embedding.linear_1.weight, sd_unet.time_embedding.linear_1.weight)  # frozen
+    assert not torch.equal(model.unet.conv_in.weight[:, :4], sd_unet.conv_in.weight)                     # trained
+    assert model.config.image_ae.scale_factor == 0.18215
