@@ -735,7 +735,7 @@ class LDMSegStage(Stage):
         import ldmseg
         image_cfg, image_state = self.image_autoencoder()
         mae = prerequisite(self.cfg, "1", self.cfg.mask_ae, self.log)
-        self.mcfg = ldmseg.LDMSegConfig(unet=ldmseg.UNetConfig.preset(self.cfg.preset),
+        self.mcfg = dataclasses.replace(ldmseg.LDMSegConfig.preset(self.cfg.preset),
                                         mask_ae=mae["model_config"], image_ae=image_cfg)
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
