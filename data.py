@@ -504,7 +504,10 @@ def write_shapes(out: str | os.PathLike, *, size: int = 128, num_train: int = 40
             d.mkdir(parents=True, exist_ok=True)
         chunks = [(root, split, lo, min(lo + 100, n), size, seed) for lo in range(0, n, 100)]
         if workers > 1 and len(chunks) > 1:
-            with mp.get_context("spawn").Pool(workers) as pool:
+            # fork where the platform has it: workers only run numpy / PIL, and a spawned worker
+            # would spend seconds re-importing torch
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers) as pool:
                 records = [r for part in pool.map(_write_shapes_chunk, chunks) for r in part]
         else:
             records = [r for c in chunks for r in _write_shapes_chunk(c)]
