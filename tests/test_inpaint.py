@@ -89,18 +89,8 @@ def test_clean_known_region_is_pasted_unchanged_at_every_step():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    import train
-    root = tmp_path_factory.mktemp("inp")
-    shapes = root / "shapes"
-    data.write_shapes(shapes, size=32, num_train=4, num_val=2, seed=0, workers=1, log=lambda *_: None)
-    common = ["--preset", "tiny", "--data", str(shapes), "--num-workers", "0", "--preview-every", "0",
-              "--device", "cpu", "--max-steps", "1", "--log-every", "1"]
-    train.main(["--stage", "vae", "--out-dir", str(root / "vae"), *common])
-    train.main(["--stage", "1", "--out-dir", str(root / "s1"), *common])
-    train.main(["--stage", "2", "--out-dir", str(root / "s2"), "--image-vae", str(root / "vae"),
-                "--mask-ae", str(root / "s1"), *common])
-    return root, shapes
+def tiny_run(tiny_runs):
+    return tiny_runs
 
 
 def test_sample_cli_inpaint_writes_completed_map_keeping_given_ids(tiny_run, tmp_path):

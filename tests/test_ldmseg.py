@@ -119,18 +119,9 @@ def test_sampling_with_self_conditioning_feeds_each_call_the_previous_estimate(t
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def stage2_run(tmp_path_factory):
-    import train
-    root = tmp_path_factory.mktemp("e2e")
-    shapes = root / "shapes"
-    data.write_shapes(shapes, size=32, num_train=8, num_val=3, seed=0, workers=1, log=lambda *_: None)
-    common = ["--preset", "tiny", "--data", str(shapes), "--num-workers", "0", "--preview-every", "0",
-              "--device", "cpu", "--max-steps", "3", "--log-every", "3"]
-    train.main(["--stage", "vae", "--out-dir", str(root / "vae"), *common])
-    train.main(["--stage", "1", "--out-dir", str(root / "s1"), *common])
-    metrics = train.main(["--stage", "2", "--out-dir", str(root / "s2"), "--image-vae", str(root / "vae"),
-                          "--mask-ae", str(root / "s1"), *common])
-    return root, shapes, metrics
+def stage2_run(tiny_runs):
+    root, shapes = tiny_runs
+    return root, shapes, json.loads((root / "s2" / "metrics.json").read_text())
 
 
 def test_train_stage2_reports_pq_for_both_samplers(stage2_run):
