@@ -31,8 +31,9 @@ Sections 5-8 only use a model's forward signature, `config`, `schedule` and `tok
 plugs in unchanged.
 
 Run
-  Nothing to run here: train.py (stage cogen) trains it, sample.py (task cogen) samples it,
-  evaluate.py scores it. python -m pytest tests/test_cogen.py checks every part on tiny models.
+  python -m pytest tests/test_cogen.py checks every part on tiny models. The training stage
+  (train.py --stage cogen) and the sampling / evaluation commands are not written yet; until then
+  the model is used from Python: build_model, pdm_loss, generate.
 
 Shape legend
   B batch, C latent channels (4), h,w latent, p image patch, f patch factor, H_m = f h map side,
