@@ -335,7 +335,8 @@ class Stage:
         raise NotImplementedError
 
     def model_config(self) -> dict:
-        raise NotImplementedError
+        """The built model's config as a plain dict (checkpoints rebuild the model from it)."""
+        return dataclasses.asdict(self.mcfg)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -599,9 +600,6 @@ class ImageAEStage(Stage):
         self.mcfg = ldmseg.ImageAEConfig.preset(self.cfg.preset)
         return ldmseg.ImageAutoencoder(self.mcfg)
 
-    def model_config(self) -> dict:
-        return dataclasses.asdict(self.mcfg)
-
     def loss(self, model, batch, generator):
         import ldmseg
         recon, mean, logvar = model(batch["image"], generator=generator)
@@ -636,9 +634,6 @@ class MaskAEStage(Stage):
         import ldmseg
         self.mcfg = ldmseg.MaskAEConfig.preset(self.cfg.preset)
         return ldmseg.MaskAutoencoder(self.mcfg)
-
-    def model_config(self) -> dict:
-        return dataclasses.asdict(self.mcfg)
 
     def max_segments(self) -> int:
         return 2 ** self.mcfg.num_bits - 1
@@ -762,9 +757,6 @@ class LDMSegStage(Stage):
                              "(sd-v1-4.ckpt, a .safetensors file or a diffusers folder); see README")
         vae = prerequisite(self.cfg, "vae", src, self.log)
         return vae["model_config"], vae["ema"] or vae["model"]
-
-    def model_config(self) -> dict:
-        return dataclasses.asdict(self.mcfg)
 
     def max_segments(self) -> int:
         return 2 ** self.mcfg.mask_ae.num_bits - 1
