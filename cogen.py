@@ -7,6 +7,8 @@ arXiv 2412.02929 (CVPR 2025 workshop; official code: a fork of U-ViT, Bao et al.
 Paper and official-code details are summarised in docs/papers/pdm.md ("PDM brief §x" below).
 One U-ViT reads a time token, the caption's tokens, the noisy image-latent patches and the noisy
 map-bit patches as one sequence, and predicts the image noise eps and the clean map bits M_0.
+The two-stream PDM does the same with a trainable map stream beside a frozen, pretrained
+text-to-image U-ViT (the image stream), which it controls through zero-initialised projections.
 
 Contents (`grep -n '^# [0-9]' cogen.py`)
   1. U-ViT blocks              attention (SDPA beside the explicit softmax), MLP, pre-LN block with
@@ -16,24 +18,41 @@ Contents (`grep -n '^# [0-9]' cogen.py`)
                                [PDM §2.1, Table 2; brief §2.4-2.5, §5]
   3. Text                      a word-level tokenizer built from the training captions, a small
                                transformer text encoder, condition dropout  [brief §2.3, §6.3]
-  4. One-stream model          PDMConfig (presets tiny / shapes / coco), OneStreamPDM: tokens
+  4. One-stream model          PDMConfig (presets tiny / shapes / coco; arch one_stream | two_stream
+                               | t2i), the pieces every U-ViT here shares (block stack, heads,
+                               UViTBase: text path, [time, text] tokens, init), OneStreamPDM: tokens
                                [time, text, image patches, map patches], image head (eps), map head
                                (x0 through tanh)  [PDM brief §3]
-  5. Loss                      one t for image and map, map noise std 2, ||eps_pred - eps||^2 +
-                               ||M0_pred - M0||^2, text / map dropout  [PDM Alg. 1; brief §6]
-  6. Guidance and sampling     classifier-free text and map guidance; generate(): DPM-Solver++ or
-                               DDIM on the (image eps, map x0) pair; given-map mode  [brief §6.4-6.5]
-  7. Evaluation helpers        caption_counts (Shapes captions), connected_components (4-connected,
+  5. Image stream and two-stream model   T2IUViT (U-ViT's text-to-image model, an eps model);
+                               TwoStreamPDM: the T2IUViT frozen, a map stream copied from its
+                               blocks reading [image state, map tokens] at every block, one
+                               zero-initialised projection per block back into the image stream,
+                               its own LayerNorm and map head; two_stream_from_t2i  [PDM §2.5.2;
+                               brief §4, §8.6-8.9]
+  6. Loss                      pdm_loss: one t for image and map, map noise std 2, ||eps_pred -
+                               eps||^2 + ||M0_pred - M0||^2, text / map dropout  [PDM Alg. 1;
+                               brief §6]; t2i_loss: the image stream's eps loss
+  7. Guidance and sampling     classifier-free text and map guidance; generate(): DPM-Solver++ or
+                               DDIM on the (image eps, map x0) pair; given-map mode  [brief §6.4-6.5];
+                               generate_images() for the image stream alone
+  8. Evaluation helpers        caption_counts (Shapes captions), connected_components (4-connected,
                                vectorised), components per category
-  8. Building and loading      build_model(config), load_pdm(checkpoint)
-The two-stream model (PDM §2.5.2, brief §4) is not written yet; it will be its own section after 4.
-Sections 5-8 only use a model's forward signature, `config`, `schedule` and `tokenize`, so it
-plugs in unchanged.
+  9. Building and loading      build_model(config), load_pdm(checkpoint), load_image_ae(checkpoint),
+                               decode_images (latents -> RGB through the checkpoint's image AE);
+                               uvit_to_t2i_state_dict: U-ViT's released t2i weights
+                               (mscoco_uvit_small.pth) into a T2IUViT, every mismatch named
+Both PDMs have one forward signature, (x_t, m_t, t, text, drop_text, drop_map) -> (eps_pred,
+m0_pred), and the attributes `config`, `schedule` and `tokenize`, which are all sections 6-9 use:
+pdm_loss, generate and load_pdm serve either. A two-stream PDM starts from a trained T2IUViT
+(two_stream_from_t2i); its trainer takes `trainable_parameters()` and builds its EMA after that.
 
 Run
-  python -m pytest tests/test_cogen.py checks every part on tiny models. The training stage
-  (train.py --stage cogen) and the sampling / evaluation commands are not written yet; until then
-  the model is used from Python: build_model, pdm_loss, generate.
+  python train.py --stage cogen                 train on Shapes captions (the image AE first if missing)
+  python sample.py --task cogen --ckpt runs/shapes/cogen --prompt "two red circles and a blue square on grass"
+  python sample.py --task cogen --ckpt runs/shapes/cogen --prompt "..." --map samples/00_map.png
+                                                an image for a given category-id map
+  python -m pytest tests/test_cogen.py tests/test_cogen_cli.py
+  From Python: load_pdm(ckpt), load_image_ae(ckpt), generate, decode_images, decode_map.
 
 Shape legend
   B batch, C latent channels (4), h,w latent, p image patch, f patch factor, H_m = f h map side,
@@ -59,7 +78,7 @@ Deviations from the paper / official code (and why)
     map update uses the image's coefficients (the code's sign error is not copied [brief §8.3]).
   * DEVIATION (unverified in the paper): classifier-free map guidance. With probability
     map_drop_prob (0.1) training replaces the map input by a null map of zeros, and sampling
-    guides with the formula of section 6. The released code trains with no map dropout.
+    guides with the formula of section 7. The released code trains with no map dropout.
   * DEVIATION: no unused `mask_embed_0` (a second map patch embedding the code allocates and never
     calls), so the `coco` preset has 44,956,012 parameters, not the brief's 45,022,060 (44.96 M
     vs 45.02 M; the difference is exactly that layer, 66,048 parameters).
@@ -67,23 +86,32 @@ Deviations from the paper / official code (and why)
     word-level tokenizer and a small transformer trained jointly: nothing is downloaded. CLIP
     features computed elsewhere are read as `text_encoder="context"`, as the paper.
   * DEVIATION: the time token embeds the schedule index t in [0, T); PDM's code embeds n = t + 1.
+    `time_offset=1` does as the code, and U-ViT's released weights need it.
+  * Two-stream model (section 5 gives the reasons): DEVIATION the whole image stream is frozen --
+    the code also trains its pos_embed, final LayerNorm and heads (`train_image_head=True`) [brief
+    §8.6]; DEVIATION the map stream starts as a copy of the image blocks -- the released code starts
+    it random (`map_stream_init="random"`), earlier commits copied [brief §8.7]; DEVIATION the map
+    stream has its own final LayerNorm (the code none) and only the depth + 1 zero-projections used
+    are allocated (the code 2 depth + 2), so the `coco` two-stream model has 92,481,388 parameters,
+    not the brief's 95.96 M; the EMA starts from the loaded weights (the code's starts random
+    [brief §8.8]).
   * DEVIATION: attention runs in the autocast dtype; U-ViT casts q, k, v to float32 before SDPA.
   * Options, off by default (the paper's behaviour): `void_aware_pooling` (void wins a pooled
     block only when the block is all void), `panoptic` (instance bits beside the category bits),
     `clean_map_prob` (train some samples on the clean map, PDM's "given maps" mode [brief §4.4]).
 
 Left out
-  The two-stream model (to come); everything the code holds but the paper does not use: map
-  self-conditioning, cross-entropy on bits, separate MLPs for map tokens, a UNet backbone
-  [brief §8.15]. Latent scale (0.23010 for COCO's SD VAE, brief §2.2) belongs to the image
-  autoencoder's config (ldmseg.ImageAEConfig.scale_factor).
+  Everything the code holds but the paper does not use: map self-conditioning, cross-entropy on
+  bits, separate MLPs for map tokens, a UNet backbone [brief §8.15]; U-ViT's mlp_time_embed
+  variant (not in U-ViT-S). Latent scale (0.23010 for COCO's SD VAE, brief §2.2) belongs to the
+  image autoencoder's config (ldmseg.ImageAEConfig.scale_factor).
 """
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
@@ -91,8 +119,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from data import SHAPES_COLOURS, SHAPES_THINGS, bits_to_ids, ids_to_bits, num_bits_for, remap_ids
-from ldmseg import _as_tuples, _preset, _rand, _randn, attention, timestep_embedding
-from sample import KnownRegion, NoiseSchedule, ddim_sample, dpm_solver_pp_sample
+from ldmseg import (ImageAEConfig, ImageAutoencoder, _as_tuples, _preset, _rand, _randn, attention,
+                    timestep_embedding)
+from sample import KnownRegion, NoiseSchedule, classifier_free_guidance, ddim_sample, dpm_solver_pp_sample
 
 Text = Union[Tensor, Sequence[str]]   # token ids (B, L) int64, features (B, L, D_txt), or captions
 
@@ -388,13 +417,18 @@ def dropout_mask(batch: int, p: float, generator: Optional[torch.Generator],
 # eps_M does not provide effective guidance for the images" [brief §6.2]; the image head eps.
 # Initialisation [brief §3.5]: Linear weights trunc-normal(0.02) with zero bias, LayerNorms 1 / 0,
 # positions (and token embeddings) trunc-normal(0.02), convolutions PyTorch's default.
+# The pieces section 5's image stream shares with this model come first: the block stack and its
+# forward (uvit_blocks, run_uvit), the heads (head_layers, eps_head, map_head), and UViTBase (the
+# text path, the [time, text] tokens, the init).
 
 
 @dataclass
 class PDMConfig:
     """PDM's network, map encoding, diffusion and sampling defaults. Defaults = `coco` (the paper)."""
 
-    arch: str = "one_stream"                 # one_stream [brief §3]; two_stream is not written yet
+    arch: str = "one_stream"                 # one_stream [brief §3] | two_stream [brief §4] | t2i (image stream)
+    map_stream_init: str = "copy"            # two_stream: map blocks copy the image's | random  [brief §8.7]
+    train_image_head: bool = False           # two_stream: image pos_embed, norm, head trainable  [brief §8.6]
     latent_size: int = 32                    # h = w of the image latent  [PAPER: 256^2 / SD VAE f8]
     latent_channels: int = 4                 # C of the image latent  [PAPER: SD VAE]
     patch_size: int = 2                      # image patch p  [PAPER: U-ViT-S/2]
@@ -416,6 +450,7 @@ class PDMConfig:
     text_heads: int = 4                      # words mode: their attention heads
     schedule: str = "scaled_linear"          # beta schedule  [PAPER: SD's sqrt-linear 0.00085 - 0.012]
     num_train_steps: int = 1000              # T  [PAPER]
+    time_offset: int = 0                     # time token embeds t + this; 1: U-ViT's n = t + 1 (for its weights)
     map_noise_scale: float = 2.0             # std of the map's noise, M_t = a M_0 + 2 s eps  [PAPER: code / Alg. 1]
     map_loss_weight: float = 1.0             # weight of ||M0_pred - M_0||^2  [PAPER: 1]
     text_drop_prob: float = 0.1              # caption -> "" during training  [PAPER: 0.1]
@@ -444,7 +479,8 @@ class PDMConfig:
 
     def __post_init__(self):
         _as_tuples(self)
-        checks = {"arch must be one_stream (the two-stream model is not written yet)": self.arch == "one_stream",
+        checks = {"arch must be one_stream, two_stream or t2i": self.arch in ("one_stream", "two_stream", "t2i"),
+                  "map_stream_init must be copy or random": self.map_stream_init in ("copy", "random"),
                   "latent_size must be a multiple of patch_size": self.latent_size % self.patch_size == 0,
                   "patch_factor must be 1, 2 or 4 [PDM Table 2]": self.patch_factor in (1, 2, 4),
                   "dim must be a multiple of num_heads": self.dim % self.num_heads == 0,
@@ -498,38 +534,59 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)        # as the positions (not in U-ViT)
 
 
-class OneStreamPDM(nn.Module):
-    """The one-stream PDM: forward(x_t, m_t, t, text) -> (eps_pred, m0_pred).  [PDM brief §3]
+def uvit_blocks(c: PDMConfig) -> tuple[nn.ModuleList, Block, nn.ModuleList]:
+    """U-ViT's stack: depth/2 in-blocks, a mid-block, depth/2 out-blocks that merge a long skip."""
+    block = lambda skip: Block(c.dim, c.num_heads, c.mlp_ratio, c.qkv_bias, skip)
+    return (nn.ModuleList([block(False) for _ in range(c.depth // 2)]), block(False),
+            nn.ModuleList([block(True) for _ in range(c.depth // 2)]))
 
-    x_t (B, C, h, w) noisy image latent; m_t (B, K, H_m, W_m) noisy map bits; t (B,) int64;
-    text: token ids (B, L) int64 (words mode) or features (B, L, D_txt) (context mode).
-    drop_text / drop_map: optional (B,) bool; where True the caption becomes the empty caption and
-    the map input the null map (zeros) -- classifier-free dropout and the guidance branches.
-    Returns eps_pred (B, C, h, w) and m0_pred (B, K, H_m, W_m) in (-1, 1).
+
+def run_uvit(x: Tensor, in_blocks: nn.ModuleList, mid_block: Block, out_blocks: nn.ModuleList) -> Tensor:
+    """The U-ViT trunk on (B, N', D) tokens -> (B, N', D)  [U-ViT; brief §3.3].
+
+    Each in-block's output is pushed on a stack; each out-block pops the latest as its long skip,
+    so in-block i pairs with the i-th-from-last out-block, as a UNet's skips.
+    """
+    skips = []
+    for blk in in_blocks:
+        x = blk(x)
+        skips.append(x)
+    x = mid_block(x)
+    for blk in out_blocks:
+        x = blk(x, skips.pop())
+    return x
+
+
+def head_layers(dim: int, patch: int, channels: int) -> tuple[nn.Linear, nn.Conv2d]:
+    """A head: Linear(D -> p^2 C) per token, then a 3x3 convolution once unpatchified.
+
+    PAPER: "distinct convolutional layers to unpatchify and predict the outputs" [brief §3.4].
+    """
+    return nn.Linear(dim, patch ** 2 * channels), nn.Conv2d(channels, channels, 3, padding=1)
+
+
+def eps_head(c: PDMConfig, linear: nn.Linear, conv: nn.Conv2d, tokens: Tensor) -> Tensor:
+    """Image tokens (B, N, D), already normalised -> eps_pred (B, C, h, w)  [brief §3.4]."""
+    grid = (c.latent_size // c.patch_size,) * 2
+    return conv(unpatchify(linear(tokens), c.latent_channels, grid))         # (B, N, p^2 C) -> (B, C, h, w)
+
+
+def map_head(c: PDMConfig, linear: nn.Linear, conv: nn.Conv2d, tokens: Tensor) -> Tensor:
+    """Map tokens (B, N, D) -> m0_pred (B, K, H_m, W_m) in (-1, 1)  [brief §3.4, §5]."""
+    grid = (c.latent_size // c.patch_size,) * 2                              # MSP: the image's grid
+    m0 = unpatchify(linear(tokens), c.num_map_bits, grid)                    # (B, N, p_m^2 K) -> (B, K, H_m, W_m)
+    # PAPER: tanh bounds the clean-bit prediction to (-1, 1) (code commit 15e1ed6).
+    return torch.tanh(conv(m0))
+
+
+class UViTBase(nn.Module):
+    """What every U-ViT here shares: the text path (section 3), the [time, text] tokens, the init.
+
+    Subclasses (OneStreamPDM; T2IUViT in section 5) set `config`, build `pos_embed`, their blocks
+    and heads, then call `_init_uvit()`. Names are U-ViT's (context_embed, pos_embed, ...).
     """
 
-    def __init__(self, config: PDMConfig):
-        super().__init__()
-        self.config = c = config
-        K, N, D = c.num_map_bits, c.num_patches, c.dim
-        self._build_text(c)
-        self.patch_embed = PatchEmbed(c.latent_channels, D, c.patch_size)
-        self.map_embed = PatchEmbed(K, D, c.map_patch)                        # PAPER: kernel = stride = f p
-        self.extras = 1 + c.num_text_tokens                                   # time + text tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + 2 * N, D))
-        block = lambda skip: Block(D, c.num_heads, c.mlp_ratio, c.qkv_bias, skip)
-        self.in_blocks = nn.ModuleList([block(False) for _ in range(c.depth // 2)])
-        self.mid_block = block(False)
-        self.out_blocks = nn.ModuleList([block(True) for _ in range(c.depth // 2)])
-        self.norm = nn.LayerNorm(D)
-        self.decoder_pred = nn.Linear(D, c.patch_size ** 2 * c.latent_channels)
-        self.final_layer = nn.Conv2d(c.latent_channels, c.latent_channels, 3, padding=1)
-        self.decoder_pred_map = nn.Linear(D, c.map_patch ** 2 * K)            # PAPER: p_m^2 K per token
-        self.final_layer_map = nn.Conv2d(K, K, 3, padding=1)
-        self.schedule = NoiseSchedule(c.schedule, c.num_train_steps)
-        self.apply(_init_weights)
-        for p in self._position_tables():
-            nn.init.trunc_normal_(p, std=0.02)
+    config: PDMConfig
 
     def _build_text(self, c: PDMConfig) -> None:
         """The text path: (tokenizer + encoder | nothing) and Linear(D_txt -> D); the null caption."""
@@ -545,6 +602,12 @@ class OneStreamPDM(nn.Module):
             # PAPER: the CLIP features of "" [brief §2.3]; saved with the weights once set.
             self.register_buffer("empty_text", torch.zeros(1, c.num_text_tokens, c.context_dim))  # (1, L, D_txt)
         self.context_embed = nn.Linear(c.context_dim, c.dim)                  # PAPER: Linear(768 -> 512)
+
+    def _init_uvit(self) -> None:
+        """U-ViT's initialisation (section comment), once every layer is built."""
+        self.apply(_init_weights)
+        for p in self._position_tables():
+            nn.init.trunc_normal_(p, std=0.02)
 
     def _position_tables(self) -> list[nn.Parameter]:
         return [self.pos_embed] + ([self.text_encoder.pos_embed] if self.text_encoder is not None else [])
@@ -570,39 +633,267 @@ class OneStreamPDM(nn.Module):
             text = self.text_encoder(text)                                    # (B, L) -> (B, L, D_txt)
         return self.context_embed(text)                                       # -> (B, L, D)
 
+    def time_and_text_tokens(self, t: Tensor, text: Tensor, drop_text: Optional[Tensor],
+                             dtype: torch.dtype) -> Tensor:
+        """U-ViT's extras: t (B,) and the text -> [time token, text tokens] (B, 1 + L, D)  [brief §3.2].
+
+        The time token is the raw sinusoid of t + time_offset (U-ViT-S: mlp_time_embed=False).
+        """
+        time_token = timestep_embedding(t + self.config.time_offset, self.config.dim)[:, None].to(dtype)   # (B, 1, D)
+        return torch.cat([time_token, self.embed_text(text, drop_text)], dim=1)   # (B, 1 + L, D)
+
+
+class OneStreamPDM(UViTBase):
+    """The one-stream PDM: forward(x_t, m_t, t, text) -> (eps_pred, m0_pred).  [PDM brief §3]
+
+    x_t (B, C, h, w) noisy image latent; m_t (B, K, H_m, W_m) noisy map bits; t (B,) int64;
+    text: token ids (B, L) int64 (words mode) or features (B, L, D_txt) (context mode).
+    drop_text / drop_map: optional (B,) bool; where True the caption becomes the empty caption and
+    the map input the null map (zeros) -- classifier-free dropout and the guidance branches.
+    Returns eps_pred (B, C, h, w) and m0_pred (B, K, H_m, W_m) in (-1, 1).
+    """
+
+    def __init__(self, config: PDMConfig):
+        super().__init__()
+        self.config = c = config
+        K, N, D = c.num_map_bits, c.num_patches, c.dim
+        self._build_text(c)
+        self.patch_embed = PatchEmbed(c.latent_channels, D, c.patch_size)
+        self.map_embed = PatchEmbed(K, D, c.map_patch)                        # PAPER: kernel = stride = f p
+        self.extras = 1 + c.num_text_tokens                                   # time + text tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + 2 * N, D))
+        self.in_blocks, self.mid_block, self.out_blocks = uvit_blocks(c)
+        self.norm = nn.LayerNorm(D)
+        self.decoder_pred, self.final_layer = head_layers(D, c.patch_size, c.latent_channels)
+        self.decoder_pred_map, self.final_layer_map = head_layers(D, c.map_patch, K)   # PAPER: p_m^2 K per token
+        self.schedule = NoiseSchedule(c.schedule, c.num_train_steps)
+        self._init_uvit()
+
     def forward(self, x_t: Tensor, m_t: Tensor, t: Tensor, text: Tensor,
                 drop_text: Optional[Tensor] = None, drop_map: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         B, C, h, w = x_t.shape
         c, N = self.config, self.config.num_patches
         if drop_map is not None:
             m_t = torch.where(drop_map.view(B, 1, 1, 1), torch.zeros_like(m_t), m_t)   # null map
-        time_token = timestep_embedding(t, c.dim)[:, None].to(x_t.dtype)     # (B,) -> (B, 1, D)
-        context = self.embed_text(text, drop_text)                           # (B, L, D)
+        extras = self.time_and_text_tokens(t, text, drop_text, x_t.dtype)     # (B, 1 + L, D)
         image = self.patch_embed(x_t)                                         # (B, C, h, w) -> (B, N, D)
         maps = self.map_embed(m_t)                                            # (B, K, H_m, W_m) -> (B, N, D)
-        x = torch.cat([time_token, context, image, maps], dim=1) + self.pos_embed   # (B, 1 + L + 2N, D)
-        skips = []
-        for blk in self.in_blocks:
-            x = blk(x)
-            skips.append(x)
-        x = self.mid_block(x)
-        for blk in self.out_blocks:
-            x = blk(x, skips.pop())
-        x = self.norm(x)
+        x = torch.cat([extras, image, maps], dim=1) + self.pos_embed          # (B, 1 + L + 2N, D)
+        x = self.norm(run_uvit(x, self.in_blocks, self.mid_block, self.out_blocks))
         return self.heads(x[:, self.extras:self.extras + N], x[:, self.extras + N:])
 
     def heads(self, image_tokens: Tensor, map_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N, D) each -> eps_pred (B, C, h, w), m0_pred (B, K, H_m, W_m)  [brief §3.4]."""
         c = self.config
-        grid = (c.latent_size // c.patch_size,) * 2
-        eps = unpatchify(self.decoder_pred(image_tokens), c.latent_channels, grid)   # (B, N, p^2 C) -> (B, C, h, w)
-        m0 = unpatchify(self.decoder_pred_map(map_tokens), c.num_map_bits, grid)      # -> (B, K, H_m, W_m)
-        # PAPER: tanh bounds the clean-bit prediction to (-1, 1) (code commit 15e1ed6).
-        return self.final_layer(eps), torch.tanh(self.final_layer_map(m0))
+        return (eps_head(c, self.decoder_pred, self.final_layer, image_tokens),
+                map_head(c, self.decoder_pred_map, self.final_layer_map, map_tokens))
 
 
 # -----------------------------------------------------------------------------
-# 5. Loss                                            [PDM Alg. 1, Eq. 6-7; brief §6.1-6.3]
+# 5. Image stream and two-stream model            [PDM §2.5.2, Fig. 2; brief §4, §8.6-8.9]
+# -----------------------------------------------------------------------------
+# The image stream, T2IUViT, is U-ViT's text-to-image model: tokens [time, text (L), image
+# patches (N)] with one position table over E = 1 + L + N tokens, the blocks of section 1 and the
+# eps head -- the network of PDM's pretrained U-ViT-S/2 (`mscoco_uvit_small.pth`, read by
+# uvit_to_t2i_state_dict, section 9). Alone it is an ordinary eps model: t2i_loss, generate_images.
+#
+# The two-stream PDM puts a map stream of the same depth beside it. The map stream has no time or
+# text tokens of its own [brief §4.1]: with x the image-stream state (E tokens) and m the map
+# tokens (N: map_embed + their own positions), at every block i = 0..depth -- in-blocks, the
+# mid-block, out-blocks -- [brief §4.2]:
+#   1. mx  = [x, m]                          (E + N tokens) the map stream reads the image state anew
+#   2. x'  = ImageBlock_i(x [, skip_x])      frozen
+#   3. mx' = MapBlock_i(mx [, skip_mx])      trainable; attends over all E + N tokens
+#   4. x   = x' + ZeroConv_i(mx'[:, :E])     control added to every image-stream token (time, text too)
+#   5. m   = mx'[:, E:]                      the image part of mx' is used only in step 4
+#   6. in-blocks push x (after step 4) and the whole mx' on their streams' skip stacks
+# Then eps_pred = the image stream's head on x; m0_pred = tanh(map head(LayerNorm(m))).
+# PAPER: "The auxiliary image feature output from the map stream is added back to the image stream
+# via a zero-convolution layer ... our model employs encoder-decoder U-shaped transformers in both
+# streams". The code's zero-convolution, Conv1d(D, D, 1) over the token axis, is a per-token
+# Linear(D, D), written as one. Its weight and bias start at 0, so the control adds exactly 0.0 and
+# the untrained two-stream model's eps_pred IS the pretrained T2I model's. Both losses reach the
+# zero-convolutions and the map stream (through the frozen blocks' activations, not their weights).
+#
+# Frozen [brief §4.3, §8.6]: the whole image stream -- its text path (context_embed, and the
+# words encoder), patch_embed, pos_embed, every block, the final LayerNorm, decoder_pred and
+# final_layer. PAPER: "transformer layers of the image stream are kept frozen while the map stream
+# is adjusted". Freezing the image head and positions as well is ControlNet's rule: the pretrained
+# generator stays exactly as loaded and every change to the image goes through the zero-
+# convolutions. DEVIATION: the code leaves pos_embed, norm, decoder_pred and final_layer trainable;
+# train_image_head=True does the same. Trainable: the map stream (its blocks, map_embed,
+# pos_embed_map, norm_map, map head) and the zero-convolutions.
+#
+# Map-stream initialisation [brief §4.3, §8.7]: a copy of the image-stream blocks (values, not
+# shared storage) -- ControlNet's "trainable copy", and the code up to commit 15e1ed6: the map
+# stream starts from blocks that already read [time, text, image] tokens instead of learning
+# attention over them from random weights. DEVIATION: the released code (fb6eb68) starts it random
+# and the paper does not say which was used; map_stream_init="random" reproduces the code.
+# DEVIATION: the map stream has its own final LayerNorm before its head; the code applies none to
+# m, so its head reads un-normalised residual features [brief §4.2, §8.9].
+# DEVIATION: depth + 1 zero-convolutions, one per block; the code allocates 2 depth + 2 and uses
+# the odd-indexed half (3.41 M unused parameters in the coco model [brief Appendix A]).
+# QUIRK: the zero-convolutions have a bias (zero-initialised), as in the code; the paper says none.
+#
+# EMA [brief §8.8]: the official code copies its EMA network *before* loading the pretrained
+# weights and never re-syncs it, so its EMA image stream starts random. Fix: the weights go in when
+# the model is built (two_stream_from_t2i, which also copies them into the map stream), and the
+# trainer builds its EMA from the model that returns -- train.py builds EMA(model) after
+# stage.build(), so a stage's build() returns two_stream_from_t2i(...). train.py's optimiser and EMA take
+# the parameters with requires_grad, which the constructor sets: frozen parameters are never
+# updated nor averaged (the EMA state dict reads them from the model). trainable_parameters()
+# lists the others.
+
+
+class T2IUViT(UViTBase):
+    """The image stream: U-ViT's text-to-image model, forward(x_t, t, text) -> eps_pred  [U-ViT; brief §4.1].
+
+    x_t (B, C, h, w) noisy latent; t (B,) int64; text (B, L) ids or (B, L, D_txt) features;
+    drop_text: optional (B,) bool, True -> the empty caption. Returns eps_pred (B, C, h, w).
+    Built from a PDMConfig (arch "t2i"; the map fields are unused).
+    """
+
+    def __init__(self, config: PDMConfig):
+        super().__init__()
+        self.config = c = config
+        self._build_text(c)
+        self.patch_embed = PatchEmbed(c.latent_channels, c.dim, c.patch_size)
+        self.extras = 1 + c.num_text_tokens                                   # time + text tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + c.num_patches, c.dim))   # PAPER: 1 x 334 x 512
+        self.in_blocks, self.mid_block, self.out_blocks = uvit_blocks(c)
+        self.norm = nn.LayerNorm(c.dim)
+        self.decoder_pred, self.final_layer = head_layers(c.dim, c.patch_size, c.latent_channels)
+        self.schedule = NoiseSchedule(c.schedule, c.num_train_steps)
+        self._init_uvit()
+
+    def embed(self, x_t: Tensor, t: Tensor, text: Tensor, drop_text: Optional[Tensor] = None) -> Tensor:
+        """The image-stream tokens [time, text, image patches] + positions: (B, E, D), E = 1 + L + N."""
+        extras = self.time_and_text_tokens(t, text, drop_text, x_t.dtype)     # (B, 1 + L, D)
+        image = self.patch_embed(x_t)                                         # (B, C, h, w) -> (B, N, D)
+        return torch.cat([extras, image], dim=1) + self.pos_embed             # (B, E, D)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final LayerNorm, then the eps head on the image tokens: (B, E, D) -> (B, C, h, w)."""
+        return eps_head(self.config, self.decoder_pred, self.final_layer, self.norm(x[:, self.extras:]))
+
+    def forward(self, x_t: Tensor, t: Tensor, text: Tensor, drop_text: Optional[Tensor] = None) -> Tensor:
+        x = self.embed(x_t, t, text, drop_text)                               # (B, E, D)
+        return self.head(run_uvit(x, self.in_blocks, self.mid_block, self.out_blocks))   # -> (B, C, h, w)
+
+
+class TwoStreamPDM(nn.Module):
+    """The two-stream PDM: forward(x_t, m_t, t, text) -> (eps_pred, m0_pred)  [PDM §2.5.2; brief §4].
+
+    x_t (B, C, h, w), m_t (B, K, H_m, W_m), t (B,) int64, text (B, L) ids or (B, L, D_txt);
+    drop_text / drop_map (B,) bool -> eps_pred (B, C, h, w), m0_pred (B, K, H_m, W_m) in (-1, 1):
+    OneStreamPDM's inputs, outputs, `config`, `schedule` and `tokenize`, so pdm_loss, generate
+    and load_pdm use it unchanged. Parts: image_stream (a T2IUViT, frozen: `frozen_modules`); the
+    map stream (map_embed, pos_embed_map, in/mid/out_blocks_map, norm_map, decoder_pred_map,
+    final_layer_map); zero_convs, one per block. Build it from a trained T2I model with
+    `two_stream_from_t2i`; TwoStreamPDM(config) alone has a random image stream.
+    """
+
+    def __init__(self, config: PDMConfig):
+        super().__init__()
+        self.config = c = config
+        K, N, D = c.num_map_bits, c.num_patches, c.dim
+        self.image_stream = T2IUViT(c)
+        self.schedule = self.image_stream.schedule
+        self.map_embed = PatchEmbed(K, D, c.map_patch)                        # PAPER: kernel = stride = f p
+        self.pos_embed_map = nn.Parameter(torch.zeros(1, N, D))              # PAPER: pos_embed_mask, 1 x 256 x 512
+        self.in_blocks_map, self.mid_block_map, self.out_blocks_map = uvit_blocks(c)
+        self.norm_map = nn.LayerNorm(D)                                       # DEVIATION: the code has none
+        self.decoder_pred_map, self.final_layer_map = head_layers(D, c.map_patch, K)   # PAPER: p_m^2 K per token
+        self.zero_convs = nn.ModuleList([nn.Linear(D, D) for _ in range(c.depth + 1)])   # one per block
+        self._init_map_stream()
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
+    def _init_map_stream(self) -> None:
+        """U-ViT's init for the new layers, zero control, then the map blocks (section comment)."""
+        for name, module in self.named_children():
+            if name != "image_stream":                                        # keep the image stream as built
+                module.apply(_init_weights)
+        nn.init.trunc_normal_(self.pos_embed_map, std=0.02)
+        for zero_conv in self.zero_convs:                                     # PAPER: "zero initial weights"
+            nn.init.zeros_(zero_conv.weight)
+            nn.init.zeros_(zero_conv.bias)
+        if self.config.map_stream_init == "copy":
+            self.copy_image_blocks_to_map_stream()
+
+    def copy_image_blocks_to_map_stream(self) -> None:
+        """Map-stream blocks <- the image stream's (values copied, storage not shared)  [brief §8.7]."""
+        s = self.image_stream
+        for dst, src in [(self.in_blocks_map, s.in_blocks), (self.mid_block_map, s.mid_block),
+                         (self.out_blocks_map, s.out_blocks)]:
+            dst.load_state_dict(src.state_dict())
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The frozen part (section comment): the image stream, or with train_image_head its text
+        path, patch embedding and blocks only (the code's choice [brief §4.3])."""
+        s = self.image_stream
+        if not self.config.train_image_head:
+            return [s]
+        text = [s.text_encoder] if s.text_encoder is not None else []
+        return text + [s.context_embed, s.patch_embed, s.in_blocks, s.mid_block, s.out_blocks]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter outside `frozen_modules()`: what an optimiser and an EMA need."""
+        frozen = {id(p) for module in self.frozen_modules() for p in module.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
+
+    def tokenize(self, captions: Sequence[str]) -> Tensor:
+        """Words mode: captions -> (B, L) int64 (the image stream's tokenizer)."""
+        return self.image_stream.tokenize(captions)
+
+    def set_empty_context(self, features: Tensor) -> None:
+        """Context mode: the text features of the empty caption (see UViTBase)."""
+        self.image_stream.set_empty_context(features)
+
+    def forward(self, x_t: Tensor, m_t: Tensor, t: Tensor, text: Tensor,
+                drop_text: Optional[Tensor] = None, drop_map: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        B, C, h, w = x_t.shape
+        s, half = self.image_stream, self.config.depth // 2
+        E = s.extras + self.config.num_patches                                # image-stream tokens
+        if drop_map is not None:
+            m_t = torch.where(drop_map.view(B, 1, 1, 1), torch.zeros_like(m_t), m_t)   # null map
+        x = s.embed(x_t, t, text, drop_text)                                  # (B, E, D)
+        m = self.map_embed(m_t) + self.pos_embed_map                          # (B, K, H_m, W_m) -> (B, N, D)
+        image_blocks = [*s.in_blocks, s.mid_block, *s.out_blocks]
+        map_blocks = [*self.in_blocks_map, self.mid_block_map, *self.out_blocks_map]
+        skips_x, skips_mx = [], []
+        for i, (image_block, map_block, zero_conv) in enumerate(zip(image_blocks, map_blocks, self.zero_convs)):
+            mx = torch.cat([x, m], dim=1)                                     # 1. (B, E + N, D)
+            out_block = i > half
+            x_out = image_block(x, skips_x.pop() if out_block else None)      # 2. (B, E, D)
+            mx = map_block(mx, skips_mx.pop() if out_block else None)         # 3. (B, E + N, D)
+            x = x_out + zero_conv(mx[:, :E])                                  # 4. (B, E, D)
+            m = mx[:, E:]                                                     # 5. (B, N, D)
+            if i < half:                                                      # 6. in-blocks
+                skips_x.append(x)
+                skips_mx.append(mx)
+        m0_pred = map_head(self.config, self.decoder_pred_map, self.final_layer_map, self.norm_map(m))
+        return s.head(x), m0_pred                                             # (B, C, h, w), (B, K, H_m, W_m)
+
+
+def two_stream_from_t2i(t2i_state: dict[str, Tensor], config: PDMConfig) -> TwoStreamPDM:
+    """A TwoStreamPDM whose image stream holds a trained T2I U-ViT  [brief §4.3].
+
+    t2i_state: a T2IUViT state dict -- a T2I training checkpoint's "ema" (or "model"), or
+    uvit_to_t2i_state_dict(...) of the released U-ViT-S. config: that model's PDMConfig with the
+    map fields set for the maps to co-generate (arch becomes two_stream). With map_stream_init
+    "copy" the map blocks are copied from the loaded ones. Build the trainer's EMA from the model
+    this returns, never before the weights are in (the official code's bug [brief §8.8]).
+    """
+    model = TwoStreamPDM(replace(config, arch="two_stream"))
+    model.image_stream.load_state_dict(t2i_state)
+    if model.config.map_stream_init == "copy":
+        model.copy_image_blocks_to_map_stream()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 6. Loss                                            [PDM Alg. 1, Eq. 6-7; brief §6.1-6.3]
 # -----------------------------------------------------------------------------
 # One t ~ U{0..T-1} for both modalities ("the same noise scheduler is used to add noises to
 # maps"); the map's noise has std 2 "so that it can flip the bits" (its absolute value must
@@ -644,8 +935,24 @@ def pdm_loss(model: nn.Module, x0_image: Tensor, m0_bits: Tensor, text: Tensor, 
     return {"loss": loss, "image": loss_image.detach(), "map": loss_map.detach()}
 
 
+def t2i_loss(model: nn.Module, x0_image: Tensor, text: Tensor, schedule: NoiseSchedule,
+             config: PDMConfig, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+    """The image stream's objective, ||eps_pred - eps||^2 [DDPM Eq. 14; U-ViT t2i]: {'loss', 'image'}.
+
+    model: a T2IUViT; x0_image (B, C, h, w) scaled latents; text as pdm_loss. The caption is
+    dropped to "" with text_drop_prob (PAPER: U-ViT's p_uncond = 0.1, as PDM [brief §6.3]).
+    """
+    B, device = x0_image.shape[0], x0_image.device
+    t = torch.randint(0, config.num_train_steps, (B,), generator=generator).to(device)
+    eps = _randn(x0_image.shape, generator, x0_image)
+    x_t = schedule.q_sample(x0_image, t, eps)                                 # x_t = a x_0 + s eps
+    drop_text = dropout_mask(B, config.text_drop_prob, generator, device)
+    loss = (model(x_t, t, text, drop_text=drop_text).float() - eps).pow(2).mean()
+    return {"loss": loss, "image": loss.detach()}
+
+
 # -----------------------------------------------------------------------------
-# 6. Guidance and sampling                  [CFG, Ho & Salimans 2022; PDM brief §6.4-6.5, §8]
+# 7. Guidance and sampling                  [CFG, Ho & Salimans 2022; PDM brief §6.4-6.5, §8]
 # -----------------------------------------------------------------------------
 # Write e(c, M) for the model's output pair (eps_pred, m0_pred) with caption c and map input M_t,
 # "" for the empty caption and 0 for the null map. Guidance, applied alike to both parts (PDM's
@@ -666,6 +973,8 @@ def pdm_loss(model: nn.Module, x0_image: Tensor, m0_bits: Tensor, text: Tensor, 
 # map -- and the returned map is the given map exactly. PAPER: "when ground-truth maps are
 # provided as conditions, the diffusion model will focus solely on predicting the images"; a
 # co-generation model reads a clean map at high t only if trained on some (clean_map_prob).
+# The image stream alone (T2IUViT) is an ordinary eps model: generate_images runs the same
+# samplers on it with text guidance only, through sample.py's classifier_free_guidance.
 
 
 def guided_denoiser(model: nn.Module, text: Tensor, text_scale: float = 1.0,
@@ -735,7 +1044,46 @@ def generate(model: nn.Module, text: Text, *, sampler: Optional[str] = None, ste
         known = (None, KnownRegion(given, torch.ones_like(given), clean=True))
     denoise = guided_denoiser(model, text, c.text_scale if text_scale is None else text_scale,
                               c.map_scale if map_scale is None else map_scale)
-    common = dict(steps=steps or c.sample_steps, prediction=("eps", "x0"), noise_scale=(1.0, c.map_noise_scale),
+    return _run_sampler(model, denoise, x_T, sampler=sampler, steps=steps, order=order, method=method,
+                        prediction=("eps", "x0"), noise_scale=(1.0, c.map_noise_scale), known=known,
+                        generator=generator, callback=callback)
+
+
+def text_guided_eps(model: nn.Module, text: Tensor, text_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """A sampler model (x_t, t) -> eps for a T2IUViT: sample.py's classifier-free guidance over
+    [caption, ""] in one doubled batch; text_scale = 1 is the conditional prediction, one call."""
+    if text_scale == 1.0:
+        return lambda x_t, t: model(x_t, t, text).float()
+    B = text.shape[0]
+    drop = torch.arange(2 * B, device=text.device) >= B                      # (2B,): [cond, uncond] halves
+    doubled = torch.cat([text, text])                                        # (2B, L[, D_txt])
+    return classifier_free_guidance(lambda x2, t2: model(x2, t2, doubled, drop_text=drop).float(), text_scale)
+
+
+@torch.no_grad()
+def generate_images(model: nn.Module, text: Text, *, sampler: Optional[str] = None, steps: Optional[int] = None,
+                    order: Optional[int] = None, method: Optional[str] = None, text_scale: Optional[float] = None,
+                    generator: Optional[torch.Generator] = None, callback=None) -> Tensor:
+    """Text-to-image with a T2IUViT, the image stream alone  [U-ViT; brief §6.5 without the map].
+
+    Options as generate()'s (None -> the config's defaults); x_T ~ N(0, I) from `generator`.
+    Returns x0_image (B, C, h, w) float32, the final x0 estimate.
+    """
+    c = model.config
+    text = _model_text(model, text)
+    probe = torch.empty(0, device=text.device)
+    x_T = _randn((text.shape[0], c.latent_channels, c.latent_size, c.latent_size), generator, probe)
+    denoise = text_guided_eps(model, text, c.text_scale if text_scale is None else text_scale)
+    return _run_sampler(model, denoise, x_T, sampler=sampler, steps=steps, order=order, method=method,
+                        prediction="eps", noise_scale=1.0, known=None, generator=generator, callback=callback)
+
+
+def _run_sampler(model: nn.Module, denoise: Callable, x_T, *, sampler: Optional[str], steps: Optional[int],
+                 order: Optional[int], method: Optional[str], prediction, noise_scale, known,
+                 generator: Optional[torch.Generator], callback):
+    """sample.py's DPM-Solver++ or DDIM on `denoise` from x_T; options left at None from model.config."""
+    c = model.config
+    common = dict(steps=steps or c.sample_steps, prediction=prediction, noise_scale=noise_scale,
                   known=known, generator=generator, callback=callback)
     sampler = sampler or c.sampler
     if sampler == "dpm++":
@@ -748,7 +1096,7 @@ def generate(model: nn.Module, text: Text, *, sampler: Optional[str] = None, ste
 
 
 # -----------------------------------------------------------------------------
-# 7. Evaluation helpers                      [Shapes captions (data.py §3); PDM brief §7.1]
+# 8. Evaluation helpers                      [Shapes captions (data.py §3); PDM brief §7.1]
 # -----------------------------------------------------------------------------
 # Does a generated map hold what the caption asks for? Shapes captions name how many things of
 # each (colour, kind) an image holds; a generated category map gives, per kind, its connected
@@ -827,15 +1175,20 @@ def component_counts(category: Tensor, min_area: int = 1) -> dict[int, int]:
 
 
 # -----------------------------------------------------------------------------
-# 8. Building and loading
+# 9. Building and loading
 # -----------------------------------------------------------------------------
 
 
 def build_model(config: PDMConfig) -> nn.Module:
-    """The network `config.arch` names (one_stream; the two-stream model will join here)."""
-    if config.arch == "one_stream":
-        return OneStreamPDM(config)
-    raise ValueError(f"unknown arch {config.arch!r}")
+    """The network `config.arch` names: OneStreamPDM, TwoStreamPDM or T2IUViT (the image stream).
+
+    A TwoStreamPDM built here has a random image stream (what load_pdm then fills); to start
+    training one from a trained image stream use two_stream_from_t2i.
+    """
+    archs = {"one_stream": OneStreamPDM, "two_stream": TwoStreamPDM, "t2i": T2IUViT}
+    if config.arch not in archs:
+        raise ValueError(f"unknown arch {config.arch!r}")
+    return archs[config.arch](config)
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -844,8 +1197,94 @@ def num_parameters(model: nn.Module) -> int:
 
 
 def load_pdm(ckpt: dict, use_ema: bool = True) -> nn.Module:
-    """Rebuild a PDM from a checkpoint dict (train.load_checkpoint): config + (EMA) weights, eval mode."""
+    """Rebuild a PDM from a checkpoint dict (train.load_checkpoint): config + (EMA) weights, eval mode.
+
+    Any arch (one_stream, two_stream, t2i); a TwoStreamPDM's frozen parameters are frozen again by
+    its constructor. Words mode needs nothing else: the tokenizer is rebuilt from config.vocab, which train.py's
+    cogen stage built from the training captions (WordTokenizer.build) and saved in model_config.
+    """
     model = build_model(PDMConfig(**ckpt["model_config"]))
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(weights)
     return model.eval()
+
+
+def load_image_ae(ckpt: dict) -> ImageAutoencoder:
+    """The frozen image autoencoder a `train.py --stage cogen` checkpoint carries, in eval mode.
+
+    ckpt["image_ae"] = {"config": ImageAEConfig as a dict, "weights": state dict}; the config's
+    scale_factor is the latent scale s the PDM was trained with (x_0 = s * latent).
+    """
+    if "image_ae" not in ckpt:
+        raise ValueError("this checkpoint carries no image autoencoder (not a train.py --stage cogen run)")
+    ae = ImageAutoencoder(ImageAEConfig(**ckpt["image_ae"]["config"]))
+    ae.load_state_dict(ckpt["image_ae"]["weights"])
+    return ae.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def decode_images(autoencoder: ImageAutoencoder, x0_image: Tensor) -> Tensor:
+    """Generated latents (B, C, h, w), scaled by s -> images (B, 3, H, W) float32 in [-1, 1]."""
+    z = x0_image.to(next(autoencoder.parameters()).device) / autoencoder.config.scale_factor
+    return autoencoder.decode(z).float().clamp(-1, 1)
+
+
+# The released U-ViT t2i checkpoint (`mscoco_uvit_small.pth`: U-ViT's libs/uvit_t2i.py `UViT` with
+# mlp_time_embed=False and conv=True, saved as the plain state dict of its network) holds
+#   pos_embed                               (1, 1 + L + N, D)           coco: (1, 334, 512)
+#   patch_embed.proj.{weight, bias}         (D, C, p, p), (D,)
+#   context_embed.{weight, bias}            (D, D_txt), (D,)
+#   {in_blocks.i, mid_block, out_blocks.i}  .norm1, .attn.qkv (weight only: qkv_bias=False),
+#                                           .attn.proj, .norm2, .mlp.fc1, .mlp.fc2 (weight, bias)
+#   out_blocks.i.skip_linear.{weight, bias} (D, 2D), (D,)
+#   norm, decoder_pred (p^2 C, D), final_layer (C, C, 3, 3)      (weight, bias)
+# and no time_embed (an Identity there). T2IUViT's names are U-ViT's (section 1), so the key map is
+# the identity on all of these. Ours alone: `empty_text` (U-ViT keeps CLIP("") in
+# assets/contexts/empty_context.npy) and, in words mode, the text encoder -- U-ViT reads CLIP
+# features, so only context mode fits its weights. U-ViT's time token embeds n = t + 1 (its steps
+# run 1..1000 after a prepended beta_0 = 0, brief §3.2), so its weights need time_offset = 1.
+
+_OURS_ONLY = ("empty_text",)          # T2IUViT state-dict keys with no U-ViT counterpart
+
+
+def _key_mismatches(got: dict[str, Tensor], expected: dict[str, torch.Size]) -> list[str]:
+    """One line each for the missing, unexpected and mis-shaped keys of `got` (none: [])."""
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    misshaped = [f"{k} {tuple(got[k].shape)} (model: {tuple(expected[k])})"
+                 for k in sorted(got.keys() & expected.keys()) if tuple(got[k].shape) != tuple(expected[k])]
+    return [f"{what} ({len(items)}): {listed(items)}" for what, items in
+            [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)] if items]
+
+
+def uvit_to_t2i_state_dict(uvit_state: dict[str, Tensor], config: PDMConfig,
+                           empty_context: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """The released U-ViT t2i weights as a T2IUViT(config) state dict (see the comment above).
+
+    uvit_state: torch.load("mscoco_uvit_small.pth", weights_only=True); a DDP "module." prefix is
+    dropped. config: context mode, time_offset = 1, the sizes of the file (the coco preset for
+    U-ViT-S/2). empty_context: (L, D_txt) CLIP features of "" (U-ViT's empty_context.npy); zeros
+    when None -- set them (set_empty_context) before guided sampling.
+    Raises ValueError naming every missing, unexpected and mis-shaped key. Then
+    two_stream_from_t2i(state, config) builds the two-stream PDM on it.
+    """
+    if config.text_encoder != "context":
+        raise ValueError("the released U-ViT reads CLIP features: build with text_encoder='context'")
+    if config.time_offset != 1:
+        raise ValueError("U-ViT's time token embeds n = t + 1: build with time_offset=1 for its weights")
+    with torch.device("meta"):                                                # shapes only, no memory
+        expected = {k: v.shape for k, v in T2IUViT(config).state_dict().items() if k not in _OURS_ONLY}
+    state = {k.removeprefix("module."): v for k, v in uvit_state.items()}
+    problems = _key_mismatches(state, expected)
+    if problems:
+        raise ValueError("the U-ViT state dict does not fit T2IUViT(config):\n  " + "\n  ".join(problems))
+    shape = (1, config.num_text_tokens, config.context_dim)
+    state["empty_text"] = torch.zeros(shape) if empty_context is None else empty_context.reshape(shape).float()
+    return state
+
+
+def t2i_to_uvit_state_dict(t2i_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse: a context-mode T2IUViT state dict in U-ViT's layout (empty_text left out)."""
+    return {k: v for k, v in t2i_state.items() if k not in _OURS_ONLY}
