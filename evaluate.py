@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT
 """
-evaluate.py -- the metrics of both papers: panoptic quality, PDM's Mean Count Difference, depth errors.
+evaluate.py -- the metrics of both papers: panoptic quality, PDM's Mean Count Difference, depth errors,
+FID, and the evaluation of trained LDMSeg and PDM models.
 
 Panoptic quality (PQ = SQ x RQ; Kirillov et al., "Panoptic Segmentation", CVPR 2019) is computed with
 exactly the semantics of the COCO reference evaluator, panopticapi's `pq_compute`: a predicted and a
@@ -23,18 +24,27 @@ Contents
   6. Evaluating a trained model  sample the val split with an LDMSeg checkpoint, write COCO-format
                                  predictions, score them (also used at the end of training);
                                  mask inpainting: PQ against the fraction of the map given
-  7. Command line                python evaluate.py --gt-json ... --pred-json ...  |  --ckpt RUN
-Not here yet: FID (a later section and mode of the same CLI).
+  7. FID                         [Heusel et al. 2017; pytorch-fid; PDM brief §7.2] the FID-Inception
+                                 network (TF Inception-v3 as ported by pytorch-fid), loading a local
+                                 pt_inception-2015-12-05-6726825d.pth; Frechet distance in float64
+  8. Evaluating a co-generation  [PDM suppl. §5.3, brief §7] sample a PDM on the val captions: MCD
+     model (PDM)                 against the captions' ground-truth maps, caption agreement (thing
+                                 counts), image-map consistency (class-agnostic PQ of an LDMSeg
+                                 segmentation of the image against the map's components), FID
+  9. Command line                python evaluate.py --gt-json ... --pred-json ...  |  --ckpt RUN
 
 Run
   python evaluate.py --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
   python evaluate.py ... --class-agnostic --workers 0 --out result.json   # LDMSeg's protocol
   python evaluate.py --ckpt runs/shapes/stage2 [--sampler dpm++ --steps 20]  # a trained model
   python evaluate.py --ckpt runs/shapes/stage2 --task inpaint --mode sparse --given 0.1,0.5,0.9
+  python evaluate.py --ckpt runs/shapes/cogen --task cogen --seg-ckpt runs/shapes/stage2 \
+                     --inception ~/weights/pt_inception-2015-12-05-6726825d.pth       # PDM
   python benchmarks/pq_speed.py                                           # speed against PNG decoding
 
 Shape legend
-  B batch, H,W pixels, G / P ground-truth / predicted segments of one image, C categories.
+  B batch, H,W pixels, G / P ground-truth / predicted segments of one image, C categories,
+  H_m,W_m a PDM map's side, D feature width (2048 for FID).
   Id maps are (H, W) integers, 0 = void, as in the COCO panoptic PNGs (id = R + 256 G + 256^2 B).
 
 Semantics kept from panopticapi (QUIRK), and where we differ (DEVIATION)
@@ -51,21 +61,34 @@ Semantics kept from panopticapi (QUIRK), and where we differ (DEVIATION)
     the categories list, a duplicate image_id among the predictions, a size mismatch.
   * LDMSeg's own evaluator skips ground-truth images that have no prediction; like panopticapi we
     raise, since a missing prediction would otherwise raise the score.
+
+FID and co-generation (sections 7-8)
+  * FID-Inception features are bit-identical to pytorch-fid's InceptionV3([3]) given the same
+    weights (checked on random weights, CPU float32), and frechet_distance equals pytorch-fid's
+    calculate_frechet_distance to 5e-12 relative (2048-d, 4096 samples; 3e-9 with singular
+    covariances from 40 images). DEVIATION: tr sqrt(S1 S2) comes from two symmetric
+    eigendecompositions in float64, not scipy's sqrtm (no scipy; no offset for singular covariances).
+  * DEVIATION: caption agreement and image-map consistency are our measures; PDM reports MCD, FID
+    and CLIP score only. CLIP score is left out (it needs CLIP ViT-B/32 weights).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 
 import data
 from data import PanopticFormatError
@@ -818,13 +841,689 @@ def run_inpainting(args: argparse.Namespace) -> int:
 
 
 # -----------------------------------------------------------------------------
-# 7. Command line
+# 7. FID: the FID-Inception network and the Frechet distance   [Heusel et al. 2017; PDM brief §7.2]
+# -----------------------------------------------------------------------------
+# FID compares two image sets through the 2048-d pool features of the Inception-v3 network that
+# TensorFlow's FID used (the 2015-12-05 ImageNet graph), ported to PyTorch by pytorch-fid -- the
+# tool PDM's code calls [PDM brief §7.2]. FID values are only comparable when computed with that
+# network and its weights, so the network is written here exactly: torchvision's Inception-v3
+# layout (conv without bias + BatchNorm eps 1e-3 + ReLU; blocks A-E) with the port's differences
+# -- average pools that skip the padding, a max pool in the last block -- marked QUIRK below.
+# Parameter names are those of the weight file
+# `pt_inception-2015-12-05-6726825d.pth` (Conv2d_1a_3x3.conv.weight, Mixed_5b.branch_pool.bn.bias,
+# ...), so it loads by name; its 1008-way classifier `fc` is not needed for pool features.
+#
+# Input pipeline, as pytorch-fid applies it to images it reads from 8-bit PNGs [PDM brief §7.2]:
+#   RGB in [0, 1] -> bilinear resize to 299 x 299 (align_corners=False, no antialiasing)
+#   -> 2 x - 1 -> network -> global average pool -> (B, 2048).
+# Generated images are rounded to 8-bit levels first, as PDM saves PNGs before scoring them.
+#
+# Frechet distance between the Gaussians N(mu_1, S_1) and N(mu_2, S_2) fitted to the two feature sets:
+#   d^2 = |mu_1 - mu_2|^2 + tr S_1 + tr S_2 - 2 tr (S_1 S_2)^(1/2).
+# tr (S_1 S_2)^(1/2) is the sum of the square roots of the eigenvalues of S_1 S_2, which has the
+# eigenvalues of the symmetric PSD matrix A = S_1^(1/2) S_2 S_1^(1/2) (XY and YX share their
+# eigenvalues; X = S_1^(1/2), Y = S_1^(1/2) S_2). Two symmetric eigendecompositions in float64
+# therefore replace scipy's general sqrtm. They need no diagonal offset when the covariances are
+# singular (fewer images than 2048 features), where pytorch-fid may add one; there the square roots
+# of rounding-level eigenvalues leave an error of order sqrt(machine epsilon), relative, as sqrtm's.
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"   # the name pytorch-fid downloads it under
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   + FID_WEIGHTS_FILE)                       # where a user gets it (never fetched here)
+FID_SIZE = 299                                               # Inception-v3's input side
+
+
+class FIDWeightsError(ValueError):
+    """The FID-Inception weight file is missing or is not the expected one."""
+
+
+class ConvBN(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, TensorFlow's) -> ReLU: torchvision's BasicConv2d."""
+
+    def __init__(self, c_in: int, c_out: int, kernel, stride: int = 1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_3x3(x: Tensor) -> Tensor:
+    """QUIRK (TF's average pool): padded zeros are not counted, count_include_pad=False."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(nn.Module):
+    """35 x 35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 (64 + 64 + 96 + pool_features)."""
+
+    def __init__(self, c_in: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = ConvBN(c_in, 64, 1)
+        self.branch5x5_1 = ConvBN(c_in, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(c_in, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(c_in, pool_features, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(_avg_pool_3x3(x))
+        return torch.cat([self.branch1x1(x), b5, b3, bp], dim=1)          # (B, 224 + pool, 35, 35)
+
+
+class InceptionB(nn.Module):
+    """35 -> 17 reduction: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 (384 + 96 + C_in)."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3 = ConvBN(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(c_in, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([self.branch3x3(x), b3, bp], dim=1)              # (B, 768, 17, 17)
+
+
+class FIDInceptionC(nn.Module):
+    """17 x 17 block with factorised 7x7 convolutions (1x7, 7x1), c7 channels inside; 4 x 192 out."""
+
+    def __init__(self, c_in: int, c7: int):
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = ConvBN(c_in, 192, 1)
+        self.branch7x7_1 = ConvBN(c_in, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, **row)
+        self.branch7x7_3 = ConvBN(c7, 192, **col)
+        self.branch7x7dbl_1 = ConvBN(c_in, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, **col)
+        self.branch7x7dbl_3 = ConvBN(c7, c7, **row)
+        self.branch7x7dbl_4 = ConvBN(c7, c7, **col)
+        self.branch7x7dbl_5 = ConvBN(c7, 192, **row)
+        self.branch_pool = ConvBN(c_in, 192, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            bd = layer(bd)
+        bp = self.branch_pool(_avg_pool_3x3(x))
+        return torch.cat([self.branch1x1(x), b7, bd, bp], dim=1)          # (B, 768, 17, 17)
+
+
+class InceptionD(nn.Module):
+    """17 -> 8 reduction: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 (320 + 192 + C_in)."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(c_in, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(c_in, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([b3, b7, bp], dim=1)                             # (B, 1280, 8, 8)
+
+
+class FIDInceptionE(nn.Module):
+    """8 x 8 block with split 1x3 / 3x1 outputs: 320 + 2 x 384 + 2 x 384 + 192 = 2048 channels.
+
+    QUIRK: the port's last block (Mixed_7c, pool="max") max-pools in its pool branch where the
+    Inception paper and Mixed_7b average -- the TF graph does so, and FID depends on it.
+    """
+
+    def __init__(self, c_in: int, pool: str = "avg"):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = ConvBN(c_in, 320, 1)
+        self.branch3x3_1 = ConvBN(c_in, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBN(c_in, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(c_in, 192, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)          # (B, 768, 8, 8)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], dim=1)    # (B, 768, 8, 8)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else _avg_pool_3x3(x)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], dim=1)  # (B, 2048, 8, 8)
+
+
+class FIDInception(nn.Module):
+    """FID-Inception: images (B, 3, H, W) in [0, 1] -> pool features (B, 2048) float32.
+
+    Random weights until `load_fid_inception` fills them; eval mode (BatchNorm on running stats).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, c7=128)
+        self.Mixed_6c = FIDInceptionC(768, c7=160)
+        self.Mixed_6d = FIDInceptionC(768, c7=160)
+        self.Mixed_6e = FIDInceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")                   # QUIRK: see FIDInceptionE
+        self.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        B = images.shape[0]
+        x = F.interpolate(images.float(), size=(FID_SIZE, FID_SIZE), mode="bilinear",
+                          align_corners=False)                            # (B, 3, H, W) -> (B, 3, 299, 299)
+        x = 2 * x - 1                                                     # [0, 1] -> [-1, 1], the TF graph's range
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # -> (B, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                      # -> (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                     # -> (B, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                      # -> (B, 192, 35, 35)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)                         # -> (B, 2048, 8, 8)
+        return x.mean(dim=(2, 3)).reshape(B, 2048)                        # global average pool -> (B, 2048)
+
+
+def load_fid_inception(path: str | os.PathLike) -> FIDInception:
+    """FIDInception with the weights of `pt_inception-2015-12-05-6726825d.pth` (a file or its folder).
+
+    Nothing is downloaded. The file must hold exactly the network's tensors, by name and shape;
+    `fc.*` (the classifier) is ignored and BatchNorm's `num_batches_tracked` may be absent.
+    Raises FIDWeightsError naming the expected file otherwise.
+    """
+    p = Path(path)
+    p = p / FID_WEIGHTS_FILE if p.is_dir() else p
+    hint = f"the FID-Inception weights {FID_WEIGHTS_FILE} (pytorch-fid's release file, from {FID_WEIGHTS_URL})"
+    if not p.is_file():
+        raise FIDWeightsError(f"{path}: no such file; --inception needs {hint}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FIDWeightsError(f"{p}: cannot be read as a torch file ({type(exc).__name__}); "
+                              f"expected {hint}") from None
+    net = FIDInception()
+    if not isinstance(state, dict):
+        raise FIDWeightsError(f"{p}: not a state dict; expected {hint}")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    _check_fid_keys(net.state_dict(), state, p, hint)
+    net.load_state_dict(state, strict=False)                          # only num_batches_tracked may be left
+    return net.eval()
+
+
+def _check_fid_keys(expected: dict, state: dict, path: Path, hint: str) -> None:
+    """Raise FIDWeightsError listing missing, unexpected and mis-shaped tensors (up to 5 of each)."""
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+                    for k in set(state) & set(expected)
+                    if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape)
+    problems = [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
+                if names]
+    if problems:
+        raise FIDWeightsError(f"{path}: its tensors do not match the FID-Inception network -- "
+                              f"{'; '.join(problems)}; expected {hint}")
+
+
+def to_unit_range_8bit(images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> [0, 1] rounded to the 256 levels of an 8-bit PNG (as PDM saves them)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """cuDNN convolutions in full float32 inside the block (PyTorch allows TF32 there by default)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@torch.no_grad()
+def inception_features(net: FIDInception, images: Tensor, batch_size: int = 50) -> Tensor:
+    """Pool features of images in [-1, 1]: (B, 3, H, W) -> (B, 2048) float32 on the CPU.
+
+    PAPER: pytorch-fid's batch of 50 [PDM brief §7.2] (features do not depend on it). TF32 is off
+    in convolutions, so a GPU gives float32 features, not 10-bit-mantissa ones.
+    """
+    device = next(net.parameters()).device
+    out = []
+    with _no_tf32():
+        for chunk in images.split(batch_size):
+            out.append(net(to_unit_range_8bit(chunk).to(device)).float().cpu())   # (b, 2048)
+    return torch.cat(out)
+
+
+def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    """features (N, D), N >= 2 -> mean (D,) and unbiased covariance (D, D), float64 (numpy.cov's)."""
+    f = torch.as_tensor(features).double()
+    if f.dim() != 2 or f.shape[0] < 2:
+        raise ValueError(f"feature statistics need (N >= 2, D) features, got {tuple(f.shape)}")
+    mu = f.mean(dim=0)                                                # (D,)
+    centred = f - mu                                                  # (N, D)
+    return mu, centred.T @ centred / (f.shape[0] - 1)                 # (D, D)
+
+
+def _psd_sqrt(sigma: Tensor) -> Tensor:
+    """Symmetric square root of a PSD matrix; eigenvalues below 0 (rounding) are taken as 0."""
+    evals, evecs = torch.linalg.eigh(sigma)                           # sigma = V diag(e) V^T
+    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T              # V diag(sqrt e) V^T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """d^2 between N(mu1, sigma1) and N(mu2, sigma2)  [Heusel et al. 2017 (FID); Dowson & Landau 1982].
+
+    mu: (D,), sigma: (D, D) symmetric PSD (numpy or torch); computed in float64 (section comment).
+    """
+    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(a).double().cpu() for a in (mu1, mu2, sigma1, sigma2))
+    D = mu1.shape[0]
+    if mu1.shape != (D,) or mu2.shape != (D,) or sigma1.shape != (D, D) or sigma2.shape != (D, D):
+        raise ValueError(f"statistics of different sizes: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
+                         f"sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}")
+    root1 = _psd_sqrt(sigma1)                                         # S_1^(1/2)
+    a = root1 @ sigma2 @ root1                                        # (D, D), eigenvalues of S_1 S_2
+    a = (a + a.T) / 2                                                 # symmetric up to rounding: make it exact
+    tr_covmean = torch.linalg.eigvalsh(a).clamp_min(0).sqrt().sum()   # tr (S_1 S_2)^(1/2)
+    diff = mu1 - mu2
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+
+
+def fid_from_features(features_a: Tensor, features_b: Tensor) -> float:
+    """FID of two feature sets (N_a, 2048), (N_b, 2048): the Frechet distance of their Gaussians."""
+    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+# -----------------------------------------------------------------------------
+# 8. Evaluating a co-generation model (PDM)           [PDM suppl. §5.3, brief §7; LDMSeg §4]
+# -----------------------------------------------------------------------------
+# A PDM samples an (image, map) pair for each val caption; four questions are asked of the pairs:
+#   * MCD (section 4) -- is the generated map's category histogram that of the ground-truth map of
+#     the image the caption describes? PAPER: both at the map's resolution H_m x W_m, the ground
+#     truth min-pooled as in training; decoded ids above num_categories count in no bin [brief §7.1].
+#   * caption agreement -- does the map hold as many things of each kind as the caption says?
+#     For each (image, thing category) the caption names, the caption's count (summed over
+#     colours: a category map has none) is compared with the connected components of that category
+#     in the map. DEVIATION (ours, not PDM's): PDM has no such measure; Shapes captions make it
+#     possible. Components ignore 4-connected specks smaller than 1/1024 of the map (1 px at
+#     Shapes' 32^2, 4 px at COCO's 64^2). Touching things of one kind merge into one component
+#     even in a perfect map, so the same score of the ground-truth maps is reported as its ceiling
+#     (0.78 on the Shapes val split at 32^2).
+#   * image-map consistency -- does the image show the map? An LDMSeg stage-2 model segments the
+#     generated image; class-agnostic PQ (section 2) scores its segments against the generated map's
+#     connected components, upsampled nearest to the image (they are the reference, the
+#     segmentation the prediction). A DEVIATION of ours too: PDM shows consistency only in figures.
+#   * FID (section 7) of the generated images against the val images whose captions were used.
+
+
+def default_min_area(map_size: tuple[int, int]) -> int:
+    """Smallest component counted as a thing: 1/1024 of the map, at least 1 pixel (section comment)."""
+    return max(1, round(map_size[0] * map_size[1] / 1024))
+
+
+def thing_names(categories) -> dict[str, int]:
+    """{name: id} of the thing categories; categories: a COCO list of dicts or the Dataset's {id: dict}."""
+    rows = categories.values() if isinstance(categories, dict) else categories
+    return {c["name"]: int(c["id"]) for c in rows if c.get("isthing", 1) == 1}
+
+
+def caption_category_counts(caption: str, names: dict[str, int]) -> dict[int, int]:
+    """'two red circles and a blue circle on grass' -> {id of circle: 3} (kinds the categories know)."""
+    import cogen
+    counts: dict[int, int] = {}
+    for (_, kind), n in cogen.caption_counts(caption).items():
+        if kind in names:
+            counts[names[kind]] = counts.get(names[kind], 0) + n
+    return counts
+
+
+def caption_matches(category_map: Tensor, caption: str, names: dict[str, int],
+                    min_area: int | None = None) -> list[tuple[int, int, int]]:
+    """[(category id, caption's count, the map's components)] for each thing category the caption names.
+
+    category_map: (H_m, W_m) int64 category ids, 0 = void (any ids; invalid ones simply never match).
+    """
+    import cogen
+    wanted = caption_category_counts(caption, names)
+    if not wanted:
+        return []
+    min_area = default_min_area(tuple(category_map.shape)) if min_area is None else min_area
+    found = cogen.component_counts(category_map, min_area)
+    return [(cat, n, found.get(cat, 0)) for cat, n in sorted(wanted.items())]
+
+
+def summarize_caption_matches(matches: Sequence[tuple[int, int, int]], names: dict[str, int]) -> dict:
+    """Agreement over (image, category) pairs, overall and per category; None where there is no pair.
+
+    Returns {"agreement": share of pairs whose counts are equal, "pairs": n, "count_error": mean
+    |components - caption count|, "per_category": {name: {"agreement", "pairs"}}}.
+    """
+    by_id = {i: name for name, i in names.items()}
+    share = lambda rows: sum(want == got for _, want, got in rows) / len(rows) if rows else None
+    per = {}
+    for cat in sorted({m[0] for m in matches}):
+        rows = [m for m in matches if m[0] == cat]
+        per[by_id.get(cat, str(cat))] = {"agreement": share(rows), "pairs": len(rows)}
+    error = sum(abs(got - want) for _, want, got in matches) / len(matches) if matches else None
+    return {"agreement": share(matches), "pairs": len(matches), "count_error": error, "per_category": per}
+
+
+def caption_agreement(maps, captions: Sequence[str], categories, min_area: int | None = None) -> dict:
+    """Do generated maps hold the number of things their captions name? (section comment)
+
+    maps: (B, H_m, W_m) integer category ids, 0 = void; captions: B Shapes captions; categories: the
+    COCO categories (list or {id: dict}); min_area: smallest counted component (default 1/1024 of
+    the map). Returns summarize_caption_matches' dict.
+    """
+    names = thing_names(categories)
+    maps = torch.as_tensor(maps).long()
+    if len(maps) != len(captions):
+        raise ValueError(f"{len(maps)} maps but {len(captions)} captions")
+    matches = [m for ids, cap in zip(maps, captions) for m in caption_matches(ids, cap, names, min_area)]
+    return summarize_caption_matches(matches, names)
+
+
+def map_instances(category_map: Tensor, num_categories: int) -> Tensor:
+    """(H_m, W_m) category ids -> (H_m, W_m) int64 connected components 1..n; invalid ids become void."""
+    import cogen
+    category_map = torch.as_tensor(category_map).long()
+    valid = (category_map > 0) & (category_map <= num_categories)
+    return cogen.connected_components(torch.where(valid, category_map, 0))
+
+
+def add_consistency(acc: PQAccumulator, category_map: Tensor, segmentation: Tensor, num_categories: int) -> None:
+    """Score one image: the map's components (upsampled nearest to segmentation's (H, W)) vs the segments."""
+    import cogen
+    instances = map_instances(category_map, num_categories)[None]                    # (1, H_m, W_m)
+    instances = cogen.nearest_resize_ids(instances, tuple(segmentation.shape))[0]     # -> (H, W)
+    seg = segmentation.cpu()
+    acc.add(instances, data.make_segments_info(instances.numpy()), seg, data.make_segments_info(seg.numpy()))
+
+
+@dataclass
+class CogenTally:
+    """What evaluate_cogen gathers batch by batch; `result` turns it into the metrics."""
+    mcd: list = field(default_factory=list)          # per-map MCD values
+    matches: list = field(default_factory=list)      # (category, caption count, components) of generated maps
+    gt_matches: list = field(default_factory=list)   # the same for the ground-truth maps: the ceiling
+    fake: list = field(default_factory=list)         # (b, 2048) FID features of generated images
+    real: list = field(default_factory=list)         # (b, 2048) FID features of the val images
+    consistency: PQAccumulator | None = None         # class-agnostic PQ, segmentation vs map
+    rows: list = field(default_factory=list)         # picture rows for grid.png
+
+    def result(self, names: dict[str, int]) -> dict:
+        out = {"images": len(self.mcd), "mcd": float(np.mean(self.mcd))}
+        gen, gt = summarize_caption_matches(self.matches, names), summarize_caption_matches(self.gt_matches, names)
+        out.update({f"caption_{k}": v for k, v in gen.items()})
+        out["caption_agreement_gt"] = gt["agreement"]
+        if self.consistency is not None:
+            res = self.consistency.compute()["All"]
+            out.update(consistency_pq=res["pq"], consistency_sq=res["sq"], consistency_rq=res["rq"])
+        if self.fake and len(self.mcd) >= 2:                    # a covariance needs two images
+            out["fid"] = fid_from_features(torch.cat(self.fake), torch.cat(self.real))
+        return out
+
+
+def _substream_seed(seed: int, stream: int) -> int:
+    """A seed for stream k of run `seed` (independent streams: adding one leaves the others alone)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+def _segment_generated(seg_model, images: Tensor, seg_size, steps: int, generator: torch.Generator) -> Tensor:
+    """LDMSeg segments of generated images (B, 3, H, W) in [-1, 1] -> (B, H, W) int64 on the CPU.
+
+    seg_size: the segmenter's training (H, W) when it differs from the images'; the images are then
+    resized to it (bilinear) and the logits decoded back at (H, W) [LDMSeg brief §4.4].
+    """
+    import ldmseg
+    H, W = images.shape[-2:]
+    x = images
+    if seg_size is not None and tuple(seg_size) != (H, W):
+        x = F.interpolate(images, size=tuple(seg_size), mode="bilinear", align_corners=False, antialias=True)
+    x = x.to(next(seg_model.parameters()).device)
+    return ldmseg.segment(seg_model, x, sampler="ddim", steps=steps, generator=generator, size=(H, W)).cpu()
+
+
+def _score_maps(tally: CogenTally, items: list[dict], maps: Tensor, config, names: dict[str, int],
+                min_area: int | None) -> None:
+    """MCD against the min-pooled ground truth, and caption matches of generated and ground-truth maps."""
+    import cogen
+    category = torch.stack([it["category"] for it in items])                          # (B, H, W)
+    gt_maps = cogen.pool_category_map(category, config.map_size, config.void_aware_pooling)  # -> (B, H_m, W_m)
+    tally.mcd += mean_count_difference(maps, gt_maps, config.num_categories).tolist()
+    for it, generated, truth in zip(items, maps, gt_maps):
+        tally.matches += caption_matches(generated, it["caption"], names, min_area)
+        tally.gt_matches += caption_matches(truth, it["caption"], names, min_area)
+
+
+def _score_images(tally: CogenTally, items: list[dict], images: Tensor, maps: Tensor, num_categories: int,
+                  seg_model, seg_size, seg_steps: int, seg_gen, inception) -> Tensor | None:
+    """FID features of generated and val images; segmentation + consistency PQ. Returns the segments."""
+    if inception is not None:
+        tally.fake.append(inception_features(inception, images))
+        tally.real.append(inception_features(inception, torch.stack([it["image"] for it in items])))
+    if seg_model is None:
+        return None
+    segments = _segment_generated(seg_model, images, seg_size, seg_steps, seg_gen)  # (B, H, W)
+    for category_map, seg in zip(maps, segments):
+        add_consistency(tally.consistency, category_map, seg, num_categories)
+    return segments
+
+
+@torch.no_grad()
+def evaluate_cogen(model, ds: data.PanopticDataset, *, steps: int | None = None, sampler: str | None = None,
+                   seed: int = 0, limit: int = 0, batch_size: int = 16, image_ae=None, seg_model=None,
+                   seg_steps: int = 50, seg_size: tuple[int, int] | None = None,
+                   inception: FIDInception | None = None, min_area: int | None = None,
+                   pictures: str | os.PathLike | None = None) -> dict:
+    """MCD, caption agreement, image-map consistency and FID of a PDM on the captions of `ds`.
+
+    model: a PDM whose tokenizer reads captions (words mode); ds: the val split at the model's image
+    size (captions, images, category maps). steps / sampler: None = the model config's. image_ae
+    (ldmseg.ImageAutoencoder) decodes the image latents; without it no image exists and consistency
+    and FID are skipped. seg_model: LDMSeg stage 2 (DDIM, seg_steps), seg_size its training (H, W);
+    inception: a loaded FIDInception (any module mapping [0, 1] images to (B, D) features will do).
+    Captions go in batches of batch_size in dataset order; the noise of co-generation comes from a
+    generator seeded with `seed`, that of segmentation from its own stream, so adding a segmenter
+    leaves the samples unchanged. pictures: a folder for grid.png (first 8 samples) and captions.txt.
+    Returns {"images", "mcd", "caption_agreement", "caption_pairs", "caption_count_error",
+    "caption_per_category", "caption_agreement_gt"[, "consistency_pq" / "_sq" / "_rq"][, "fid"]}.
+    """
+    import cogen
+    c = model.config
+    n = len(ds) if not limit else min(limit, len(ds))
+    gen, seg_gen = (torch.Generator().manual_seed(s) for s in (seed, _substream_seed(seed, 1)))
+    names = thing_names(ds.categories)
+    seg_model = seg_model if image_ae is not None else None
+    tally = CogenTally(consistency=PQAccumulator(None, class_agnostic=True) if seg_model is not None else None)
+    captions = []
+    for lo in range(0, n, batch_size):
+        items = [ds[i] for i in range(lo, min(lo + batch_size, n))]
+        x0_image, m0_bits = cogen.generate(model, [it["caption"] for it in items], sampler=sampler, steps=steps,
+                                           generator=gen)                     # (B, C, h, w), (B, K, H_m, W_m)
+        maps = cogen.decode_map(m0_bits, c)[0].cpu()                          # (B, H_m, W_m) category ids
+        _score_maps(tally, items, maps, c, names, min_area)
+        images = segments = None
+        if image_ae is not None:
+            images = cogen.decode_images(image_ae, x0_image).cpu()                  # (B, 3, H, W) in [-1, 1]
+            segments = _score_images(tally, items, images, maps, c.num_categories, seg_model, seg_size,
+                                     seg_steps, seg_gen, inception)
+        for k, it in enumerate(items[:max(0, 8 - len(tally.rows))] if pictures is not None else []):
+            tally.rows.append(_cogen_picture_row(it, None if images is None else images[k], maps[k],
+                                                 None if segments is None else segments[k]))
+            captions.append(it["caption"])
+    if tally.rows:
+        _save_rows(tally.rows, Path(pictures))
+        (Path(pictures) / "captions.txt").write_text("".join(f"{k}: {cap}\n" for k, cap in enumerate(captions)))
+    return tally.result(names)
+
+
+def _image_uint8(image: Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, rounded as a PNG writer does."""
+    return ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def _cogen_picture_row(item: dict, image: Tensor | None, category_map: Tensor,
+                       segments: Tensor | None) -> np.ndarray:
+    """generated image | generated map | its LDMSeg segments | val image | val category map, at the val size."""
+    import cogen
+    H, W = item["category"].shape
+    cols = []
+    if image is not None:
+        if tuple(image.shape[-2:]) != (H, W):
+            image = F.interpolate(image[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        cols.append(_image_uint8(image))
+    cols.append(data.colorize(cogen.nearest_resize_ids(category_map[None], (H, W))[0]))
+    if segments is not None:
+        cols.append(data.colorize(cogen.nearest_resize_ids(segments[None], (H, W))[0]))
+    return np.concatenate(cols + [_image_uint8(item["image"]), data.colorize(item["category"])], axis=1)
+
+
+def _cogen_image_autoencoder(ckpt: dict, image_vae: str = ""):
+    """(image AE or None, where it came from / why there is none) for a PDM checkpoint.
+
+    In order: `image_vae` (--image-vae, a --stage vae run); the autoencoder the checkpoint carries
+    (train.py --stage cogen saves ckpt["image_ae"] = {"config", "weights"}); the run's own
+    image_vae setting, else runs/<preset>/vae (where training looks for one).
+    """
+    import cogen
+    import ldmseg
+    import train
+    cfg = ckpt.get("config") or {}
+    if not image_vae and ckpt.get("image_ae") is not None:
+        return cogen.load_image_ae(ckpt), "the checkpoint's own autoencoder"
+    run = image_vae or cfg.get("image_vae") or train.resolve(
+        train.TrainConfig(stage="vae", preset=cfg.get("preset", "shapes"))).out_dir
+    if not train._is_run(run):
+        return None, f"{run} is not a --stage vae run"
+    vae = train.load_checkpoint(run, "vae")
+    config, weights, source = vae["model_config"], vae["ema"] or vae["model"], f"the --stage vae run {run}"
+    ae = ldmseg.ImageAutoencoder(ldmseg.ImageAEConfig(**config))
+    ae.load_state_dict(weights)
+    return ae.requires_grad_(False).eval(), source
+
+
+def _cogen_model_and_split(args: argparse.Namespace):
+    """(PDM, image AE or None, the split at the model's image size, the run folder) for --task cogen."""
+    import cogen
+    import train
+    device = train.pick_device(args.device)
+    ckpt = train.load_checkpoint(args.ckpt, "cogen")
+    model = cogen.load_pdm(ckpt).to(device)
+    if model.config.text_encoder != "words":
+        raise SystemExit(f"{args.ckpt}: a context-mode PDM reads precomputed CLIP features, not captions; "
+                         f"evaluating it from captions needs a words-mode model")
+    image_ae, source = _cogen_image_autoencoder(ckpt, args.image_vae)
+    if image_ae is None:
+        print(f"images: no image autoencoder ({source}); consistency and FID are skipped -- give --image-vae RUN")
+    else:
+        image_ae = image_ae.to(device)
+        print(f"images: decoded by {source}")
+    cfg = ckpt.get("config") or {}
+    factor = 2 ** (len(image_ae.config.ch_mult) - 1) if image_ae is not None else 8
+    size = cfg.get("image_size") or model.config.latent_size * factor
+    # PAPER: PDM center-crops its images to squares (U-ViT's COCO pipeline), as train.py's cogen stage.
+    ds = data.shapes_dataset(args.data or cfg.get("data", "data/shapes"), args.split, size=size,
+                             resize_mode="center_crop")
+    run = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+    return model, image_ae, ds, run
+
+
+def _cogen_helpers(args: argparse.Namespace, device: torch.device):
+    """(LDMSeg model or None, its training size, FIDInception or None) from --seg-ckpt / --inception."""
+    import ldmseg
+    import train
+    seg_model = seg_size = inception = None
+    if args.seg_ckpt:
+        seg = train.load_checkpoint(args.seg_ckpt, "2")
+        seg_model = ldmseg.load_ldmseg(seg).to(device)
+        size = (seg.get("config") or {}).get("image_size")
+        seg_size = (size, size) if size else None
+    else:
+        print("consistency PQ skipped: give --seg-ckpt RUN (an LDMSeg stage-2 run) to segment the generated images")
+    if args.inception:
+        inception = load_fid_inception(args.inception).to(device)
+    else:
+        print(f"FID skipped: give --inception PATH to {FID_WEIGHTS_FILE} (download it once from "
+              f"{FID_WEIGHTS_URL}; nothing is downloaded here)")
+    return seg_model, seg_size, inception
+
+
+def format_cogen(res: dict, map_size: int) -> str:
+    """The printed summary of evaluate_cogen's result."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    lines = [f"MCD {res['mcd']:.4f} ({res['images']} maps at {map_size}x{map_size}; 0 = the ground-truth "
+             f"histogram, 2 = disjoint)"]
+    if res["caption_pairs"]:
+        lines.append(f"caption agreement {pct(res['caption_agreement'])} of {res['caption_pairs']} (image, thing) "
+                     f"pairs, mean count error {res['caption_count_error']:.2f} | ground-truth maps "
+                     f"{pct(res['caption_agreement_gt'])}")
+        lines.append("  " + " | ".join(f"{name} {pct(r['agreement'])} ({r['pairs']})"
+                                       for name, r in res["caption_per_category"].items()))
+    else:
+        lines.append("caption agreement: no caption names a count of a thing category (Shapes captions do)")
+    if "consistency_pq" in res:
+        lines.append(f"consistency PQ {100 * res['consistency_pq']:.2f} | SQ {100 * res['consistency_sq']:.2f} | "
+                     f"RQ {100 * res['consistency_rq']:.2f} (LDMSeg segments of the images vs the maps' "
+                     f"components)")
+    if "fid" in res:
+        few = (" -- fewer than 2048 images: biased upwards, not comparable to 10k-sample FIDs"
+               if res["images"] < 2048 else "")
+        lines.append(f"FID {res['fid']:.2f} ({res['images']} generated vs {res['images']} val images{few})")
+    return "\n".join(lines)
+
+
+def run_cogen(args: argparse.Namespace) -> int:
+    """Mode: co-generate from the val captions with a PDM checkpoint; MCD, caption agreement, consistency, FID."""
+    t0 = time.time()
+    model, image_ae, ds, run = _cogen_model_and_split(args)
+    c, device = model.config, next(model.parameters()).device
+    sampler, steps = args.sampler or c.sampler, args.steps or c.sample_steps
+    out = Path(args.out_dir or run / f"cogen_{args.split}_{sampler}{steps}")
+    seg_model, seg_size, inception = _cogen_helpers(args, device)
+    res = evaluate_cogen(model, ds, steps=steps, sampler=sampler, seed=args.seed, limit=args.limit,
+                         batch_size=args.batch_size, image_ae=image_ae, seg_model=seg_model,
+                         seg_steps=args.seg_steps, seg_size=seg_size, inception=inception,
+                         min_area=args.min_area or None, pictures=out)
+    print(format_cogen(res, c.map_size))
+    print(f"{res['images']} {args.split} captions | {sampler} {steps} steps | {time.time() - t0:.0f}s")
+    out.mkdir(parents=True, exist_ok=True)
+    data.write_json(out / "metrics.json", {**res, "sampler": sampler, "steps": steps, "seed": args.seed})
+    print(f"metrics.json, grid.png and captions.txt in {out}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# 9. Command line
 # -----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Panoptic quality of COCO-format predictions "
-                                "(panopticapi semantics).",
+                                "(panopticapi semantics), or of a trained model: LDMSeg PQ, the inpainting "
+                                "curve, PDM co-generation metrics (MCD, caption agreement, consistency, FID).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     f = p.add_argument_group("COCO-format files")
     f.add_argument("--gt-json", help="ground-truth panoptic JSON (with 'categories')")
@@ -843,9 +1542,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes reading PNGs (1 = this process only; 0 = one per core, at most 8)")
     m.add_argument("--out", help="write the result (panopticapi's structure) to this JSON file")
     c = p.add_argument_group("a trained model (samples the split, writes predictions, scores them)")
-    c.add_argument("--ckpt", help="stage-2 run folder or checkpoint")
-    c.add_argument("--task", choices=["panoptic", "inpaint"], default="panoptic",
-                   help="panoptic: segment the split; inpaint: PQ against the fraction of the map given")
+    c.add_argument("--ckpt", help="run folder or checkpoint: LDMSeg stage 2 (panoptic, inpaint) or PDM (cogen)")
+    c.add_argument("--task", choices=["panoptic", "inpaint", "cogen"], default="panoptic",
+                   help="panoptic: segment the split; inpaint: PQ against the fraction of the map given; "
+                        "cogen: co-generate from the split's captions (MCD, caption agreement, consistency, FID)")
     c.add_argument("--mode", choices=["sparse", "global", "both"], default="both",
                    help="inpaint: which known-region masks (sparse blocks / large regions)")
     c.add_argument("--given", default="0.1,0.3,0.5,0.7,0.9",
@@ -853,12 +1553,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default="", help="dataset folder; default: the one the checkpoint trained on")
     c.add_argument("--split", default="val", help="split to sample")
     c.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    c.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default="ddim", help="sampler")
-    c.add_argument("--steps", type=int, default=50, help="sampling steps")
+    c.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default=None,
+                   help="sampler; None = ddim for panoptic / inpaint, the checkpoint's (dpm++ or ddim) for cogen")
+    c.add_argument("--steps", type=int, default=None,
+                   help="sampling steps; None = 50 for panoptic / inpaint, the checkpoint's for cogen")
     c.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
     c.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    c.add_argument("--out-dir", default="", help="where predictions go; default: <run>/eval_<split>_<sampler><steps>")
+    c.add_argument("--out-dir", default="",
+                   help="where outputs go; default: <run>/{eval,inpaint,cogen}_<split>_<sampler><steps>")
     c.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda")
+    g = p.add_argument_group("co-generation (--task cogen)")
+    g.add_argument("--seg-ckpt", default="", help="LDMSeg stage-2 run that segments the generated images for the "
+                   "image-map consistency PQ; without it consistency is skipped")
+    g.add_argument("--seg-steps", type=int, default=50, help="DDIM steps of that segmentation")
+    g.add_argument("--inception", default="", help=f"local {FID_WEIGHTS_FILE} (pytorch-fid's FID-Inception "
+                   "weights; never downloaded here) or its folder; without it FID is skipped")
+    g.add_argument("--image-vae", default="", help="a --stage vae run to decode the generated latents with; "
+                   "default: the autoencoder the checkpoint carries (else its image_vae run, else "
+                   "runs/<preset>/vae)")
+    g.add_argument("--min-area", type=int, default=0,
+                   help="caption agreement: smallest map component counted as a thing, in map pixels "
+                        "(0 = 1/1024 of the map)")
     return p
 
 
@@ -896,7 +1611,14 @@ def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace):
         if not (args.gt_json and args.pred_json):
             parser.error("--gt-json and --pred-json go together")
         return run_files
+    if args.ckpt and args.task == "cogen":
+        if args.sampler == "ddpm":
+            parser.error("--task cogen samples with dpm++ or ddim")
+        return run_cogen
+    if args.seg_ckpt or args.inception or args.image_vae:
+        parser.error("--seg-ckpt, --inception and --image-vae belong to --ckpt ... --task cogen")
     if args.ckpt:
+        args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
         return run_inpainting if args.task == "inpaint" else run_checkpoint
     parser.error("give --gt-json and --pred-json, or --ckpt")
 
@@ -907,7 +1629,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = choose_mode(parser, args)
     try:
         return mode(args)
-    except PanopticFormatError as exc:           # bad input: one line naming the file, no traceback
+    except (PanopticFormatError, FIDWeightsError) as exc:   # bad input: one line naming the file, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
