@@ -890,16 +890,19 @@ def gaussian_flow(z: Tensor, t_from: int, t_to: int, mu, std, schedule: NoiseSch
 # -----------------------------------------------------------------------------
 # python sample.py --task panoptic --ckpt RUN --image IMG [IMG ...] | --split val   (LDMSeg)
 # python sample.py --task inpaint --ckpt RUN --image IMG --known-map PARTIAL.png     (LDMSeg §5)
+# python sample.py --task cogen --ckpt RUN --prompt "two red circles on grass" [--map MAP.png]  (PDM)
 # The models live downstream of this file (ldmseg.py imports it), so main() imports them late.
 
 
 def build_parser() -> "argparse.ArgumentParser":
     import argparse
-    p = argparse.ArgumentParser(description="Sample a trained model: segment images (LDMSeg).",
+    p = argparse.ArgumentParser(description="Sample a trained model: segment images (LDMSeg) or co-generate "
+                                            "images and maps from a caption (PDM).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=["panoptic", "inpaint"], default="panoptic",
+    p.add_argument("--task", choices=["panoptic", "inpaint", "cogen"], default="panoptic",
                    help="panoptic: segment images with an LDMSeg stage-2 checkpoint; "
-                        "inpaint: complete a partial panoptic map (--image + --known-map)")
+                        "inpaint: complete a partial panoptic map (--image + --known-map); "
+                        "cogen: images and category maps from --prompt with a PDM (train.py --stage cogen) checkpoint")
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
     src = p.add_argument_group("inputs (one of)")
     src.add_argument("--image", nargs="+", default=[], help="image files to segment")
@@ -911,11 +914,22 @@ def build_parser() -> "argparse.ArgumentParser":
     inp.add_argument("--known-mask", default="", help="optional mask PNG: white = known (default: map != 0)")
     inp.add_argument("--clean-known", action="store_true",
                      help="paste the clean known latent at every step instead of re-noising it to t")
+    gen = p.add_argument_group("co-generation (--task cogen)")
+    gen.add_argument("--prompt", default="", help="the caption to generate for")
+    gen.add_argument("--num", type=int, default=8, help="samples to generate for the prompt")
+    gen.add_argument("--text-scale", type=float, default=None,
+                     help="text guidance (1 = none); default: the checkpoint's (2, PDM's s = 1)")
+    gen.add_argument("--map-scale", type=float, default=None, help="map guidance (1 = none); default: the checkpoint's")
+    gen.add_argument("--map", default="",
+                     help="given-map mode: a single-channel PNG of category ids (0 = void), e.g. a *_map.png this "
+                          "command wrote; the images are generated for that map")
     p.add_argument("--out-dir", default="samples", help="where pictures and COCO-format predictions go")
-    p.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default="ddim", help="sampler")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (model calls)")
+    p.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default=None,
+                   help="sampler; default: ddim (panoptic, inpaint), the checkpoint's dpm++ (cogen; ddpm not offered)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (model calls); default: 50 (panoptic, inpaint), the checkpoint's (cogen)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (and per cogen batch)")
     p.add_argument("--save-trajectory", action="store_true",
                    help="also write a strip of the decoded map at 8 points of the denoising")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights, not their EMA")
@@ -1035,13 +1049,126 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     return out
 
 
+def _read_category_map(path: str, config) -> Tensor:
+    """--map: a single-channel PNG of category ids (0 = void) -> (1, H, W) int64, checked against the model."""
+    import numpy as np
+    from PIL import Image
+    if not Path(path).is_file():
+        raise SystemExit(f"--map {path}: no such file")
+    with Image.open(path) as im:
+        if im.mode not in ("L", "I", "I;16"):
+            raise SystemExit(f"--map {path}: a PNG of mode {im.mode}; expected a single-channel PNG whose pixel "
+                             f"values are category ids (0 = void), as the *_map.png files of --task cogen. A COCO "
+                             f"panoptic PNG holds segment ids, not category ids: convert it with its JSON's "
+                             f"segments_info first")
+        ids = np.asarray(im).astype(np.int64)
+    if ids.max() > config.num_categories:
+        raise SystemExit(f"--map {path}: ids up to {ids.max()}, but this model knows category ids "
+                         f"0..{config.num_categories}")
+    return torch.from_numpy(ids)[None]                                        # (1, H, W)
+
+
+def _given_map_bits(args, config) -> Optional[Tensor]:
+    """The given map as the PDM's clean map bits (1, K, H_m, W_m) (min-pooled as in training), or None."""
+    import cogen
+    if not args.map:
+        return None
+    category = _read_category_map(args.map, config)
+    # A panoptic model also wants instance bits: each connected region of one category is an instance.
+    segments = cogen.connected_components(category[0])[None] if config.panoptic else None
+    return cogen.encode_map(category, config, segments, torch.Generator().manual_seed(args.seed))
+
+
+def _prompt_notes(model, prompt: str) -> None:
+    """Print what the model cannot read of the prompt: unknown words, words beyond its L tokens."""
+    words = model.tokenizer.words(prompt)
+    unknown = sorted({w for w in words if w not in model.tokenizer.index})
+    if unknown:
+        print(f"note: words never seen in training (read as <unk>): {', '.join(unknown)}")
+    if len(words) > model.tokenizer.length:
+        print(f"note: the prompt has {len(words)} words; the model reads the first {model.tokenizer.length}")
+
+
+def _cogen_pictures(model, autoencoder, args, given: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """--num samples for --prompt, in batches of --batch-size from one generator.
+
+    Returns images (N, 3, H, W) in [-1, 1] and category maps (N, H, W) int64 at image size, 0 = void.
+    """
+    import cogen
+    gen, images, maps = torch.Generator().manual_seed(args.seed), [], []
+    for lo in range(0, args.num, args.batch_size):
+        n = min(args.batch_size, args.num - lo)
+        x0_image, m0_bits = cogen.generate(model, [args.prompt] * n, sampler=args.sampler, steps=args.steps,
+                                           text_scale=args.text_scale, map_scale=args.map_scale, generator=gen,
+                                           given_map=None if given is None else given.expand(n, -1, -1, -1))
+        x = cogen.decode_images(autoencoder, x0_image).cpu()                  # (n, 3, H, W)
+        category = cogen.decode_map(m0_bits, model.config)[0].cpu()          # (n, H_m, W_m)
+        # Bits can spell ids above num_categories, which name no category (PDM's MCD drops them
+        # [PDM brief §7.1]): they are written as void, so every written map can be fed back as --map.
+        category = torch.where(category > model.config.num_categories, 0, category)
+        images.append(x)
+        maps.append(cogen.nearest_resize_ids(category, tuple(x.shape[-2:])))
+    return torch.cat(images), torch.cat(maps)
+
+
+def _count_line(category: Tensor, names: dict[int, str]) -> str:
+    """'circle 2, square 1, grass 1': connected components per category of one map."""
+    import cogen
+    counts = cogen.component_counts(category)
+    return ", ".join(f"{names.get(k, f'id {k}')} {n}" for k, n in sorted(counts.items())) or "(empty)"
+
+
+def cogen_images(args, ckpt: dict, device) -> Path:
+    """The cogen task: write grid.png (images / coloured maps / overlays) and every image and map."""
+    import numpy as np
+    from PIL import Image
+    import cogen
+    import data
+    model = cogen.load_pdm(ckpt, use_ema=not args.raw_weights).to(device)
+    if model.tokenizer is None:
+        raise SystemExit(f"{args.ckpt}: a context-mode PDM reads precomputed CLIP features, not prompts")
+    autoencoder = cogen.load_image_ae(ckpt).to(device)
+    given = _given_map_bits(args, model.config)
+    _prompt_notes(model, args.prompt)
+    images, maps = _cogen_pictures(model, autoencoder, args, given)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {c["id"]: c["name"] for c in ckpt.get("categories", [])}
+    rows: list = [[], [], []]
+    for k, (x, ids) in enumerate(zip(images, maps)):
+        rgb = ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)   # (3, H, W) -> (H, W, 3)
+        ids = ids.numpy()
+        Image.fromarray(rgb).save(out / f"{k:02d}_image.png")
+        Image.fromarray(ids.astype(np.uint8)).save(out / f"{k:02d}_map.png")          # category ids, mode L
+        Image.fromarray(data.colorize(ids)).save(out / f"{k:02d}_map_color.png")
+        for row, picture in zip(rows, (rgb, data.colorize(ids), data.overlay(rgb, ids))):
+            row.append(picture)
+        print(f"{k:02d}: {_count_line(torch.from_numpy(ids), names)}")
+    Image.fromarray(np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)).save(out / "grid.png")
+    print(f"wrote grid.png (rows: images, maps, overlays) and NN_image.png, NN_map.png (category ids), "
+          f"NN_map_color.png for {args.num} samples of {args.prompt!r} to {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import train
     import ldmseg
+    device = train.pick_device(args.device)
+    if args.task == "cogen":
+        if not args.prompt.strip():
+            raise SystemExit("--task cogen needs a non-empty --prompt, e.g. --prompt \"two red circles on grass\"")
+        if args.num < 1 or args.sampler == "ddpm":
+            raise SystemExit("--task cogen needs --num >= 1 and samples with dpm++ or ddim")
+        ckpt = train.load_checkpoint(args.ckpt, "cogen")
+        try:
+            cogen_images(args, ckpt, device)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        return 0
+    args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
     if not args.image and not args.split:
         raise SystemExit("give --image IMG [IMG ...] or --split NAME")
-    device = train.pick_device(args.device)
     ckpt = train.load_checkpoint(args.ckpt, "2")
     model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights).to(device)
     try:

@@ -8,18 +8,22 @@ Stages
   1       LDMSeg stage 1: the shallow mask autoencoder                          [LDMSeg §3.1]
   2       LDMSeg stage 2: the image-conditioned latent diffusion UNet            [LDMSeg §3]
           (trains / reuses the image AE and the mask AE first); 'all' is an alias of 2
+  cogen   PDM: the one-stream U-ViT co-generating image latents and category maps from captions
+          (trains / reuses the image AE first)                                  [PDM Alg. 1]
 
 Contents
   1. Configuration        TrainConfig (every flag), presets tiny / shapes / coco
   2. Run bookkeeping      devices, seeding, distributed set-up, logging, atomic checkpoints
   3. Optimisation         AdamW groups, warm-up + cosine LR, EMA
   4. The training loop    train(cfg, stage): one loop, every stage plugs in a `Stage` object
-  5. Stages               vae, 1, 2 -- each a small class with build / loss / preview / finish
+  5. Stages               vae, 1, 2, cogen -- each a small class with build / loss / preview / finish;
+                          2 and cogen share the frozen image autoencoder and its latent cache
   6. Command line         python train.py --stage 1 [--preset shapes] ...
 
 Run
   python train.py --stage vae               # image autoencoder on Shapes (written on first use)
   python train.py --stage 1                 # mask autoencoder on Shapes
+  python train.py --stage cogen             # PDM on Shapes captions (image AE trained first if missing)
   torchrun --nproc_per_node=2 train.py ...  # DDP (NCCL on CUDA, gloo on CPU)
 
 Reproducibility
@@ -57,7 +61,7 @@ import data
 @dataclass
 class TrainConfig:
     """Every training flag; `python train.py --help` lists them with their defaults."""
-    stage: str = "1"                 # which stage to train: vae | 1 | 2 | all (= 2 and what it needs)
+    stage: str = "1"                 # which stage to train: vae | 1 | 2 | all (= 2 and what it needs) | cogen (PDM)
     preset: str = "shapes"           # model / data sizes: tiny | shapes | coco
     data: str = "data/shapes"        # COCO-format panoptic folder; Shapes is written there if missing
     out_dir: str = ""                # run folder; default runs/<preset>/<stage>
@@ -66,11 +70,12 @@ class TrainConfig:
     max_steps: int = 0               # optimisation steps; 0 = the preset's
     batch_size: int = 0              # per-process batch; 0 = the preset's
     lr: float = 0.0                  # peak learning rate; 0 = the preset's
-    weight_decay: float = 0.05       # AdamW decoupled weight decay (none on norms / biases)  # PAPER: LDMSeg 0.05
-    warmup_steps: int = 200          # linear warm-up from 0                                 # PAPER: LDMSeg 200
-    min_lr_ratio: float = 0.01       # cosine decays to lr * this                             # PAPER: 1e-4 -> 1e-6
+    weight_decay: float = -1.0       # AdamW decoupled weight decay (none on norms / biases); -1 = the preset's (0.05)  # PAPER: LDMSeg 0.05
+    adam_beta2: float = -1.0         # AdamW beta2; -1 = the preset's (0.999; PDM's coco recipe 0.9)
+    warmup_steps: int = -1           # linear warm-up from 0; -1 = the preset's (200)         # PAPER: LDMSeg 200
+    min_lr_ratio: float = -1.0       # cosine decays to lr * this (1 = constant); -1 = the preset's (0.01)  # PAPER: 1e-4 -> 1e-6
     grad_clip: float = -1.0          # max global gradient norm; -1 = the preset's (1.0; 3.0 for the coco AE), 0 = off
-    ema_decay: float = 0.999         # EMA of the weights used for sampling and evaluation (0 = off)
+    ema_decay: float = -1.0          # EMA of the weights used for sampling and evaluation (0 = off); -1 = the preset's (0.999)
     seed: int = 0                    # seeds data order, augmentation and every random draw
     device: str = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"              # autocast dtype: auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
@@ -79,7 +84,7 @@ class TrainConfig:
     log_every: int = 50              # steps between log lines
     preview_every: int = 500         # steps between preview PNGs (0 = only at the end)
     ckpt_every: int = 1000           # steps between checkpoints (always one at the end)
-    eval_images: int = 0             # val images for the end-of-run evaluation; 0 = all
+    eval_images: int = 0             # val images for the end-of-run evaluation; 0 = the preset's (all; cogen: 100 on shapes)
     resume: str = ""                 # checkpoint (or run folder) to continue from
     stop_after: int = 0              # end this invocation after N steps with a checkpoint (0 = run to max-steps)
     num_train: int = 4000            # Shapes images written when --data does not exist
@@ -89,6 +94,7 @@ class TrainConfig:
     mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
+    min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
 
 
 # Per (preset, stage) values for the fields left at 0 above. Shapes numbers are sized so each stage
@@ -107,6 +113,24 @@ PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, 
 PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=1500, batch_size=16, lr=5e-4, eval_steps=50, eval_dpm_steps=20)
 PRESETS["coco"]["2"] = dict(image_size=512, max_steps=200_000, batch_size=32, lr=1e-4,   # PAPER: x 8 GPUs = 256
                             eval_steps=50, eval_dpm_steps=20)
+# PDM (cogen). The image size fixes the latent side the U-ViT is built for (image_size / 8).
+PRESETS["tiny"]["cogen"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_dpm_steps=2,
+                                eval_images=4, min_word_count=1)
+# Shapes: 0.5 it/s measured at batch 16 on one thread of a 2-core CPU busy with other jobs (load
+# average 3.4); about twice that on an idle core, so ~25 min for 1,500 x 16 = 24k samples (6 epochs).
+PRESETS["shapes"]["cogen"] = dict(image_size=128, max_steps=1500, batch_size=16, lr=1e-3, warmup_steps=100,
+                                  eval_dpm_steps=20, eval_images=100, min_word_count=1)
+# PAPER: PDM's released small config [PDM brief §6.6]: 256^2 images, AdamW 2e-4, wd 0.03, betas
+# (0.9, 0.9), 5k warm-up then a constant rate, batch 64, 2M steps, EMA 0.9999; 50-NFE DPM-Solver++.
+# The paper itself gives no schedule (UNVERIFIED which of these its numbers used). DEVIATION: weight
+# decay skips norms and biases here, as in every stage; PDM's code decays every parameter.
+PRESETS["coco"]["cogen"] = dict(image_size=256, max_steps=2_000_000, batch_size=64, lr=2e-4, weight_decay=0.03,
+                                adam_beta2=0.9, warmup_steps=5000, min_lr_ratio=1.0, ema_decay=0.9999,
+                                eval_dpm_steps=50, min_word_count=5)
+# Values of the fields whose flag default is -1 ("the preset's") when a preset does not set them.
+PRESET_DEFAULTS: dict[str, Any] = dict(crop=0, grad_clip=1.0,                                  # PAPER: LDMSeg clip 1.0
+                                       weight_decay=0.05, adam_beta2=0.999, warmup_steps=200,   # PAPER: LDMSeg
+                                       min_lr_ratio=0.01, ema_decay=0.999)
 
 
 
@@ -118,10 +142,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"unknown --preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     if cfg.stage not in PRESETS[cfg.preset]:
         raise SystemExit(f"unknown --stage {cfg.stage!r}; choose from {sorted(PRESETS[cfg.preset])}")
-    values = dict(PRESETS[cfg.preset][cfg.stage])
-    values.setdefault("crop", 0)
-    values.setdefault("grad_clip", 1.0)                                              # PAPER: LDMSeg 1.0
-    unset = lambda k: getattr(cfg, k) == (-1 if k in ("crop", "grad_clip") else type(getattr(cfg, k))())
+    values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
+    unset = lambda k: getattr(cfg, k) == (-1 if k in PRESET_DEFAULTS else type(getattr(cfg, k))())
     out = dataclasses.replace(cfg, **{k: v for k, v in values.items() if unset(k)})
     if not out.out_dir:
         out.out_dir = str(Path("runs") / out.preset / f"stage{out.stage}" if out.stage.isdigit()
@@ -258,13 +280,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **kwargs)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), **kwargs)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine from lr to lr * min_lr_ratio at max_steps.
 
     The warm-up lasts warmup_steps, capped at a tenth of the run so short runs are not all warm-up.
+    min_lr_ratio = 1 gives a constant rate after the warm-up (PDM's schedule).
     """
     warmup = min(cfg.warmup_steps, cfg.max_steps // 10)
     if step < warmup:
@@ -337,6 +360,10 @@ class Stage:
     def model_config(self) -> dict:
         """The built model's config as a plain dict (checkpoints rebuild the model from it)."""
         return dataclasses.asdict(self.mcfg)
+
+    def checkpoint_extras(self) -> dict:
+        """More checkpoint entries the stage's sampler needs besides the model (e.g. a frozen decoder)."""
+        return {}
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -540,6 +567,7 @@ def _preview(stage, model, ema, batch, path) -> None:
 
 def _save(cfg, stage, model, opt, ema, step, run_dir, metrics=None) -> None:
     save_checkpoint(run_dir / "ckpt.pt", {
+        **stage.checkpoint_extras(),
         "stage": cfg.stage, "step": step, "config": dataclasses.asdict(cfg),
         "model_config": stage.model_config(), "model": model.state_dict(),
         "ema": ema.state_dict_of(model) if ema is not None else None, "optimizer": opt.state_dict(),
@@ -722,7 +750,57 @@ def _is_run(path: str) -> bool:
     return False
 
 
-class LDMSegStage(Stage):
+class LatentStage(Stage):
+    """What LDMSeg's stage 2 and PDM share: a frozen image autoencoder and a cache of its encodings.
+
+    Subclasses define `encode_image(images)`: the tensor the cache keeps per item (LDMSeg: the
+    scaled posterior mean; PDM: the posterior moments, sampled afresh every step).
+    """
+    sd_scale: float | None = None       # latent scale with Stable Diffusion's VAE; None = SD's 0.18215
+
+    def image_autoencoder(self) -> tuple[dict, dict]:
+        """(config, weights) of the frozen image AE: a run of --stage vae, or SD's VAE from its weights.
+
+        PAPER: with SD weights LDMSeg's latent scale is SD's 0.18215 [LDMSeg brief §3.1], PDM's
+        `sd_scale`; a VAE trained here carries the scale measured at the end of its run.
+        """
+        import ldmseg
+        src = self.cfg.image_vae
+        if src and not _is_run(src):
+            ae = ldmseg.load_image_autoencoder(src, ldmseg.ImageAEConfig.preset(self.cfg.preset))
+            config = dataclasses.replace(ae.config, scale_factor=self.sd_scale or ae.config.scale_factor)
+            self.log(f"image autoencoder: Stable Diffusion weights from {src} (scale {config.scale_factor})")
+            return dataclasses.asdict(config), ae.state_dict()
+        if not src and self.cfg.preset == "coco":
+            raise SystemExit("the coco recipe uses Stable Diffusion's VAE: pass --image-vae PATH "
+                             "(sd-v1-4.ckpt, a .safetensors file or a diffusers folder); see README")
+        vae = prerequisite(self.cfg, "vae", src, self.log)
+        return vae["model_config"], vae["ema"] or vae["model"]
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_latents(self, batch) -> torch.Tensor:
+        """encode_image of a batch, cached per (item, flip) while the cache stays under 1 GiB.
+
+        Exact, not an approximation: the image AE is frozen and an uncropped item is fixed by its
+        index and flip. On Shapes this removes the image encoder from every step after the first epoch.
+        """
+        if self.cfg.crop:
+            return self.encode_image(batch["image"])
+        cache = self.__dict__.setdefault("_latents", {})
+        keys = list(zip(batch["index"], batch["flipped"]))
+        missing = [k for k, key in enumerate(keys) if key not in cache]
+        if missing:
+            z = self.encode_image(batch["image"][missing]).float()
+            if len(cache) * z[0].numel() * 4 < 2 ** 30:
+                cache.update({keys[k]: z[j] for j, k in enumerate(missing)})
+            else:
+                return self.encode_image(batch["image"]).float()
+        return torch.stack([cache[key] for key in keys])
+
+
+class LDMSegStage(LatentStage):
     """LDMSeg stage 2: the image-conditioned latent diffusion model.  [LDMSeg §3]"""
     name = "2"
 
@@ -740,45 +818,11 @@ class LDMSegStage(Stage):
             self.log(f"UNet initialised from {self.cfg.init_unet}; frozen: {', '.join(frozen)}")
         return self.net
 
-    def image_autoencoder(self) -> tuple[dict, dict]:
-        """(config, weights) of the frozen image AE: a run of --stage vae, or SD's VAE from its weights.
-
-        PAPER: with SD weights the latent scale is SD's 0.18215 [LDMSeg brief §3.1]; a VAE trained here
-        carries the scale measured at the end of its run.
-        """
-        import ldmseg
-        src = self.cfg.image_vae
-        if src and not _is_run(src):
-            ae = ldmseg.load_image_autoencoder(src, ldmseg.ImageAEConfig.preset(self.cfg.preset))
-            self.log(f"image autoencoder: Stable Diffusion weights from {src} (scale {ae.config.scale_factor})")
-            return dataclasses.asdict(ae.config), ae.state_dict()
-        if not src and self.cfg.preset == "coco":
-            raise SystemExit("the coco recipe uses Stable Diffusion's VAE: pass --image-vae PATH "
-                             "(sd-v1-4.ckpt, a .safetensors file or a diffusers folder); see README")
-        vae = prerequisite(self.cfg, "vae", src, self.log)
-        return vae["model_config"], vae["ema"] or vae["model"]
-
     def max_segments(self) -> int:
         return 2 ** self.mcfg.mask_ae.num_bits - 1
 
-    def image_latents(self, batch) -> torch.Tensor:
-        """z_image of a batch, cached per (item, flip) while the cache stays under 1 GiB.
-
-        Exact, not an approximation: the image AE is frozen and an uncropped item is fixed by its
-        index and flip. On Shapes this removes the image encoder from every step after the first epoch.
-        """
-        if self.cfg.crop:
-            return self.net.encode_image(batch["image"])
-        cache = self.__dict__.setdefault("_latents", {})
-        keys = list(zip(batch["index"], batch["flipped"]))
-        missing = [k for k, key in enumerate(keys) if key not in cache]
-        if missing:
-            z = self.net.encode_image(batch["image"][missing]).float()
-            if len(cache) * z[0].numel() * 4 < 2 ** 30:
-                cache.update({keys[k]: z[j] for j, k in enumerate(missing)})
-            else:
-                return self.net.encode_image(batch["image"]).float()
-        return torch.stack([cache[key] for key in keys])
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.encode_image(images)                             # s_i * posterior mean
 
     def loss(self, model, batch, generator):
         import ldmseg
@@ -806,7 +850,123 @@ class LDMSegStage(Stage):
         return out
 
 
-STAGES: dict[str, type[Stage]] = {"vae": ImageAEStage, "1": MaskAEStage, "2": LDMSegStage}
+class CogenStage(LatentStage):
+    """PDM: co-generation of image latents and category maps from captions.  [PDM Alg. 1; brief §2, §6]
+
+    The U-ViT trains on (image latent, category-map bits, caption tokens). The frozen image
+    autoencoder (a --stage vae run, or SD's VAE with PDM's scale) encodes the images and decodes
+    the samples; it travels in the checkpoint with the dataset's categories, and the word
+    vocabulary travels in the model config, so `cogen.load_pdm(ckpt)` and `cogen.load_image_ae(ckpt)`
+    need nothing but the checkpoint.
+    """
+    name = "cogen"
+    # PAPER: U-ViT's MS-COCO scale for SD's VAE latents (1 / their std on COCO) [PDM brief §2.2,
+    # U-ViT issue #17]; SD itself uses 0.18215.
+    sd_scale = 0.23010
+
+    def datasets(self) -> tuple[data.PanopticDataset, data.PanopticDataset]:
+        """Built once (build() reads the captions). PAPER: centre crops, no flips [PDM brief §2.1-2.2]:
+        PDM encodes every image once, and a flip would contradict captions that say left or right."""
+        if "_datasets" not in self.__dict__:
+            import cogen
+            pdm = cogen.PDMConfig.preset(self.cfg.preset)
+            kw = dict(size=self.cfg.image_size, seed=self.cfg.seed, resize_mode="center_crop", hflip=False,
+                      max_segments=2 ** pdm.instance_bits - 1 if pdm.panoptic else None)
+            root = self._data_root()
+            self._datasets = (data.shapes_dataset(root, "train", train=True, **kw),
+                              data.shapes_dataset(root, "val", train=False, **kw))
+        return self._datasets
+
+    def build(self) -> nn.Module:
+        """Image AE and vocabulary (from the run resumed, else fresh), then the PDM sized to both."""
+        import cogen
+        import ldmseg
+        resumed = load_checkpoint(self.cfg.resume, "cogen") if self.cfg.resume else None
+        ae_cfg, ae_state = ((resumed["image_ae"]["config"], resumed["image_ae"]["weights"]) if resumed
+                            else self.image_autoencoder())
+        self.image_ae = ldmseg.ImageAutoencoder(ldmseg.ImageAEConfig(**ae_cfg)).requires_grad_(False)
+        self.image_ae.load_state_dict(ae_state)
+        self.image_ae.eval().to(self.device)
+        vocab = resumed["model_config"]["vocab"] if resumed else self.vocabulary()
+        self.mcfg = self.pdm_config(vocab)
+        self.net = cogen.build_model(self.mcfg)
+        return self.net
+
+    def vocabulary(self) -> list[str]:
+        """WordTokenizer.build over every training caption (words seen < min_word_count -> <unk>)."""
+        import cogen
+        captions = [c for caps in self.datasets()[0].captions.values() for c in caps if c]
+        if not captions:
+            raise SystemExit(f"{self.cfg.data}: no captions (annotations/captions_train*.json): PDM trains on captions")
+        length = cogen.PDMConfig.preset(self.cfg.preset).num_text_tokens
+        tokenizer = cogen.WordTokenizer.build(captions, length, self.cfg.min_word_count)
+        longest = max(len(cogen.WordTokenizer.words(c)) for c in captions)
+        self.log(f"vocabulary: {len(tokenizer.vocab)} words from {len(captions)} training captions "
+                 f"(longest {longest} words; {length} text tokens{', the rest cut' if longest > length else ''})")
+        return tokenizer.vocab
+
+    def pdm_config(self, vocab: list[str]) -> "cogen.PDMConfig":
+        """The preset's PDMConfig with the latent shape of the image AE at --image-size, and the vocabulary."""
+        import cogen
+        base, ae = cogen.PDMConfig.preset(self.cfg.preset), self.image_ae.config
+        factor = 2 ** (len(ae.ch_mult) - 1)                                    # 8 for SD's KL-f8
+        if self.cfg.image_size % (factor * base.patch_size):
+            raise SystemExit(f"--image-size {self.cfg.image_size} must be a multiple of {factor * base.patch_size} "
+                             f"(autoencoder factor {factor} x patch {base.patch_size})")
+        top = max(self.datasets()[0].categories)
+        if top > base.num_categories:
+            raise SystemExit(f"category ids reach {top}; the {self.cfg.preset} PDM encodes 0..{base.num_categories}")
+        # DEVIATION: PDM reads frozen CLIP ViT-L/14 token features; nothing is downloaded here, so the
+        # trainer always learns the words encoder (coco: CLIP's 77 tokens and 768 width) [cogen.py §3].
+        return dataclasses.replace(base, text_encoder="words", vocab=tuple(vocab),
+                                   latent_size=self.cfg.image_size // factor, latent_channels=ae.latent_channels)
+
+    def checkpoint_extras(self) -> dict:
+        """The frozen image AE (to decode samples) and the dataset's categories (names, things / stuff)."""
+        image_ae = {"config": dataclasses.asdict(self.image_ae.config), "weights": self.image_ae.state_dict()}
+        return {"image_ae": image_ae, "categories": list(self.datasets()[0].categories.values())}
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> posterior moments (B, 2C, h, w), unscaled: the loss samples from them."""
+        return torch.cat(self.image_ae.encode(images), dim=1)
+
+    def loss(self, model, batch, generator):
+        import cogen
+        import ldmseg
+        mean, logvar = ldmseg.split_moments(self.image_latents(batch))       # 2 x (B, C, h, w)
+        # PAPER: a fresh posterior sample every step, x_0 = s (mu + sigma eps) [PDM brief §2.2].
+        x0_image = self.image_ae.config.scale_factor * ldmseg.sample_gaussian(mean, logvar, generator)
+        m0_bits = cogen.encode_map(batch["category"], self.mcfg, batch["segments"], generator)   # (B, K, H_m, W_m)
+        text = self.net.tokenize(batch["caption"])                           # (B, L)
+        return cogen.pdm_loss(model, x0_image, m0_bits, text, self.net.schedule, self.mcfg, generator)
+
+    def cogenerate(self, model, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> images (B, 3, H, W) in [-1, 1] and category maps (B, H, W) at image size (seed 0)."""
+        import cogen
+        x0_image, m0_bits = cogen.generate(model, list(captions), generator=torch.Generator().manual_seed(0))
+        images = cogen.decode_images(self.image_ae, x0_image)
+        category = cogen.decode_map(m0_bits, model.config)[0]                 # (B, H_m, W_m)
+        return images, cogen.nearest_resize_ids(category, tuple(images.shape[-2:]))
+
+    def preview(self, model, batch) -> np.ndarray:
+        """Rows, one per training caption of the batch: its image | its map | generated image | generated map."""
+        images, maps = self.cogenerate(model, batch["caption"])
+        return grid([[to_uint8(x), data.colorize(c), to_uint8(g), data.colorize(m)]
+                     for x, c, g, m in zip(batch["image"], batch["category"], images, maps)])
+
+    def finish(self, model, val, run_dir) -> dict:
+        """Metrics that need no other model, on the first eval_images val captions: MCD and caption
+        agreement (with the val maps' own agreement, its ceiling); pictures in <run>/val_cogen."""
+        import evaluate
+        res = evaluate.evaluate_cogen(model, val, steps=self.cfg.eval_dpm_steps, limit=self.cfg.eval_images,
+                                      batch_size=self.cfg.batch_size, image_ae=self.image_ae,
+                                      pictures=run_dir / "val_cogen")
+        return {k: v for k, v in res.items() if isinstance(v, (int, float))}   # per-category detail: evaluate.py
+
+
+STAGES: dict[str, type[Stage]] = {"vae": ImageAEStage, "1": MaskAEStage, "2": LDMSegStage,
+                                 "cogen": CogenStage}
 
 
 # -----------------------------------------------------------------------------
