@@ -48,6 +48,9 @@ pdm_loss, generate and load_pdm serve either. A two-stream PDM starts from a tra
 
 Run
   python train.py --stage cogen                 train on Shapes captions (the image AE first if missing)
+  python train.py --stage t2i                   the image stream alone (T2IUViT) on Shapes captions
+  python train.py --stage cogen --two-stream [--init-image-stream runs/shapes/t2i | mscoco_uvit_small.pth]
+                                                the two-stream PDM on it (the t2i run first if missing)
   python sample.py --task cogen --ckpt runs/shapes/cogen --prompt "two red circles and a blue square on grass"
   python sample.py --task cogen --ckpt runs/shapes/cogen --prompt "..." --map samples/00_map.png
                                                 an image for a given category-id map
@@ -841,6 +844,11 @@ class TwoStreamPDM(nn.Module):
         """Every parameter outside `frozen_modules()`: what an optimiser and an EMA need."""
         frozen = {id(p) for module in self.frozen_modules() for p in module.parameters()}
         return [p for p in self.parameters() if id(p) not in frozen]
+
+    @property
+    def tokenizer(self) -> Optional[WordTokenizer]:
+        """The image stream's WordTokenizer (None in context mode), as OneStreamPDM.tokenizer."""
+        return self.image_stream.tokenizer
 
     def tokenize(self, captions: Sequence[str]) -> Tensor:
         """Words mode: captions -> (B, L) int64 (the image stream's tokenizer)."""

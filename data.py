@@ -32,8 +32,11 @@ Deviations from the official code (and why)
   * DEVIATION: PDM resizes label maps with Lanczos [PDM brief §2.4, §8.11], which invents ids at
     boundaries; every label map here is resized nearest.
   * DEVIATION: LDMSeg asserts fewer than 2^K segments per image and crashes otherwise; we drop the
-    smallest segments to void (counted in `PanopticDataset.num_dropped_segments`) -- see
-    `cap_segments`.
+    smallest segments to void (counted per item in `dropped_segments`, summed and logged by the
+    trainer) -- see `cap_segments`.
+  * Bad files (missing, truncated, corrupt, PNG and JSON disagreeing) raise PanopticFormatError
+    naming the file; with `skip_bad` (train.py --skip-bad-samples) a bad item is replaced by the next
+    good one and reported in the item's `skipped` list. The fault table: docs/faults.md.
 """
 from __future__ import annotations
 
@@ -601,6 +604,26 @@ def _load_captions(path: Path | None) -> dict[str, list[str]]:
     return {k: (v if isinstance(v, list) else [v]) for k, v in obj.items()}
 
 
+def _annotated_items(meta: dict, path: Path) -> list[tuple[dict, dict]]:
+    """[(image entry, annotation)] sorted by image id; PanopticFormatError naming `path` if the JSON is inconsistent.
+
+    PAPER: images with no segments or only crowd segments are skipped [LDMSeg brief §2.1 step 2].
+    """
+    images = {im["id"]: im for im in meta["images"]}
+    for a in meta["annotations"]:
+        if a.get("image_id") not in images:
+            raise PanopticFormatError(f"{path}: an annotation refers to image id {a.get('image_id')!r}, "
+                                      f"which 'images' does not list")
+        if not all(isinstance(s, dict) and "id" in s and "category_id" in s for s in a.get("segments_info", [None])):
+            raise PanopticFormatError(f"{path}: the annotation of image id {a['image_id']!r} has no segments_info, "
+                                      f"or a segment without 'id' / 'category_id'")
+    items = [(images[a["image_id"]], a) for a in meta["annotations"]
+             if any(not s.get("iscrowd", 0) for s in a["segments_info"])]
+    if not items:
+        raise PanopticFormatError(f"{path}: no images with annotated segments (an empty dataset: nothing to train on)")
+    return sorted(items, key=lambda ia: ia[0]["id"])
+
+
 def nearest_resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a (H, W[, C]) label array to (h, w) -- pixel centres map exactly."""
     H, W = arr.shape[:2]
@@ -621,31 +644,33 @@ class PanopticDataset(torch.utils.data.Dataset):
       caption        str ('' when the folder has none)
       depth          (H, W) float32 metres, 0 = unknown (only when the folder has depth)
       image_id, file_name, orig_size (H0, W0), index (idx), flipped (bool)
+      dropped_segments  int, segments over `max_segments` made void (only when max_segments is set)
+      skipped        list[str], the errors of the bad items this one replaces (only when skip_bad)
+
+    skip_bad (train.py sets it from --skip-bad-samples): an item whose files are bad is replaced by
+    the next good item (idx + 1, idx + 2, ... -- deterministic, so resuming stays exact) and the
+    error is carried in `skipped`, which reaches the trainer's process even from DataLoader workers.
+    Off by default: the PanopticFormatError naming the file goes up to the caller.
     """
 
     def __init__(self, files: SplitFiles, *, size: int | tuple[int, int] | None = 128, train: bool = False,
                  hflip: bool | None = None, resize_mode: str = "stretch", min_segment_area: int = 10,
-                 max_segments: int | None = None, crop: int = 0, seed: int = 0):
+                 max_segments: int | None = None, crop: int = 0, seed: int = 0, skip_bad: bool = False):
         self.files, self.train, self.seed, self.epoch = files, train, seed, 0
+        self.skip_bad = skip_bad                          # replace bad items by good ones (see class docstring)
         self.crop = crop                                  # random crop side after resizing (0 = none)
         self.size = (size, size) if isinstance(size, int) else size
         self.hflip = train if hflip is None else hflip
         self.resize_mode = resize_mode                    # 'stretch' (LDMSeg) or 'center_crop' (PDM)
         self.min_segment_area = min_segment_area if train else 0
         self.max_segments = max_segments
-        self.num_dropped_segments = 0                     # segments over capacity made void (logged by the trainer)
+        self.num_dropped_segments = 0                     # segments over capacity made void, in this process
         meta = read_json(files.panoptic_json)
         for key in ("images", "annotations", "categories"):
             if key not in meta:
                 raise PanopticFormatError(f"{files.panoptic_json}: missing top-level key '{key}'")
         self.categories = {c["id"]: c for c in meta["categories"]}
-        images = {im["id"]: im for im in meta["images"]}
-        # PAPER: skip images with no segments or only crowd segments [LDMSeg brief §2.1 step 2]
-        self.items = [(images[a["image_id"]], a) for a in meta["annotations"]
-                      if any(not s.get("iscrowd", 0) for s in a["segments_info"])]
-        self.items.sort(key=lambda ia: ia[0]["id"])
-        if not self.items:
-            raise PanopticFormatError(f"{files.panoptic_json}: no images with annotated segments")
+        self.items = _annotated_items(meta, files.panoptic_json)
         self.captions = _load_captions(files.captions)
 
     def __len__(self) -> int:
@@ -694,6 +719,22 @@ class PanopticDataset(torch.utils.data.Dataset):
         return (0, 0, H0, W0), flip
 
     def __getitem__(self, idx: int) -> dict:
+        """Item idx (see the class docstring); with skip_bad a bad item is replaced by the next good one."""
+        if not self.skip_bad:                             # the normal path: errors go up, naming the file
+            return self._item(idx)
+        skipped = []
+        for k in range(len(self)):                        # the next good item stands in for a bad one
+            try:
+                out = self._item((idx + k) % len(self))
+            except PanopticFormatError as exc:
+                skipped.append(str(exc))
+                continue
+            out["skipped"] = skipped
+            return out
+        raise PanopticFormatError(f"{self.files.panoptic_json}: every item is bad; the first: {skipped[0]}")
+
+    def _item(self, idx: int) -> dict:
+        """Item idx as the class docstring lists it (PanopticFormatError naming the file if it is bad)."""
         image, ids, im_meta, ann = self._load(idx)
         H0, W0 = ids.shape
         contig, category, info = self._contiguous(ids, ann["segments_info"])
@@ -707,7 +748,7 @@ class PanopticDataset(torch.utils.data.Dataset):
             depth = None if depth is None else nearest_resize(depth, self.size)
         if self.crop:
             image, contig, category, depth = self._random_crop(idx, image, contig, category, depth)
-        contig, info = self._cap(contig, info)
+        contig, info, dropped = self._cap(contig, info)
         img = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
         out = {"image": img, "segments": torch.from_numpy(contig.astype(np.int64)),
                "category": torch.from_numpy(category.astype(np.int64))}
@@ -722,13 +763,16 @@ class PanopticDataset(torch.utils.data.Dataset):
         out.update(segments_info=info, caption=caps[int(rng.integers(len(caps)))] if self.train else caps[0],
                    image_id=im_meta["id"], file_name=im_meta["file_name"], orig_size=(H0, W0),
                    index=idx, flipped=flip)
+        if self.max_segments is not None:
+            out["dropped_segments"] = dropped
         return out
 
     def _random_crop(self, idx, image, contig, category, depth):
         """A crop x crop window at a position drawn from (seed, epoch, idx); all maps cut alike."""
         H, W = contig.shape
-        if self.crop > min(H, W):
-            raise ValueError(f"crop {self.crop} is larger than the {H}x{W} images")
+        if self.crop > min(H, W):                         # only without `size`: resizing makes every image size
+            raise PanopticFormatError(f"{self.files.image_dir / self.items[idx][0]['file_name']}: "
+                                      f"{H}x{W}, smaller than the {self.crop}px training crop")
         rng = np.random.default_rng([self.seed, self.epoch, idx, 2])
         top, left = int(rng.integers(H - self.crop + 1)), int(rng.integers(W - self.crop + 1))
         box = (slice(top, top + self.crop), slice(left, left + self.crop))
@@ -743,18 +787,25 @@ class PanopticDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 d = np.asarray(im, dtype=np.float32) / 1000.0
-        except Exception as exc:
+        except FileNotFoundError:
+            raise PanopticFormatError(f"{path}: depth PNG not found") from None
+        except Exception as exc:                          # PIL raises many types for truncated / corrupt files
             raise PanopticFormatError(f"{path}: cannot read depth PNG ({exc})") from None
         top, left, h, w = box
         return d[top:top + h, left:left + w]
 
-    def _cap(self, contig: np.ndarray, info: list[dict]) -> tuple[np.ndarray, list[dict]]:
-        """Apply the max_segments policy (`cap_segments`) and drop segments resizing removed."""
+    def _cap(self, contig: np.ndarray, info: list[dict]) -> tuple[np.ndarray, list[dict], int]:
+        """Apply the max_segments policy (`cap_segments`) and drop segments resizing removed.
+
+        Returns (ids, segments_info, number of segments dropped). The count also goes into
+        num_dropped_segments, which only sees this process (DataLoader workers keep their own).
+        """
+        dropped = 0
         if self.max_segments is not None:
             contig, dropped = cap_segments(contig, self.max_segments)
             self.num_dropped_segments += dropped
         present = set(np.unique(contig).tolist())
-        return contig, [s for s in info if s["id"] in present]
+        return contig, [s for s in info if s["id"] in present], dropped
 
 
 def collate(batch: list[dict]) -> dict:

@@ -23,7 +23,9 @@ Contents
   5. Depth metrics               AbsRel, RMSE, delta < 1.25 on valid pixels
   6. Evaluating a trained model  sample the val split with an LDMSeg checkpoint, write COCO-format
                                  predictions, score them (also used at the end of training);
-                                 mask inpainting: PQ against the fraction of the map given
+                                 mask inpainting: PQ against the fraction of the map given;
+                                 multi-task LDMSeg [LDMSeg §6]: class-aware PQ of the merged
+                                 instance + semantic maps, semantic mIoU, depth errors
   7. FID                         [Heusel et al. 2017; pytorch-fid; PDM brief §7.2] the FID-Inception
                                  network (TF Inception-v3 as ported by pytorch-fid), loading a local
                                  pt_inception-2015-12-05-6726825d.pth; Frechet distance in float64
@@ -37,6 +39,7 @@ Run
   python evaluate.py --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/
   python evaluate.py ... --class-agnostic --workers 0 --out result.json   # LDMSeg's protocol
   python evaluate.py --ckpt runs/shapes/stage2 [--sampler dpm++ --steps 20]  # a trained model
+  python evaluate.py --ckpt runs/shapes/multitask    # class-aware PQ, semantic mIoU, depth (LDMSeg §6)
   python evaluate.py --ckpt runs/shapes/stage2 --task inpaint --mode sparse --given 0.1,0.5,0.9
   python evaluate.py --ckpt runs/shapes/cogen --task cogen --seg-ckpt runs/shapes/stage2 \
                      --inception ~/weights/pt_inception-2015-12-05-6726825d.pth       # PDM
@@ -728,13 +731,15 @@ def _save_rows(rows: list[np.ndarray], folder: Path) -> None:
     Image.fromarray(np.concatenate(rows, axis=0)).save(folder / "grid.png")
 
 
-def _model_and_split(args: argparse.Namespace, kind: str):
+def _model_and_split(args: argparse.Namespace, kind: str, stage: str = "2"):
     """(EMA model on the device, the split at the model's size, the output folder) for --ckpt modes."""
     import ldmseg
     import train
     device = train.pick_device(args.device)
-    ckpt = train.load_checkpoint(args.ckpt, "2")
-    model = ldmseg.load_ldmseg(ckpt).to(device)
+    ckpt = train.load_checkpoint(args.ckpt, stage)
+    with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
+        model = ldmseg.load_ldmseg(ckpt)
+    model = model.to(device)
     cfg = ckpt["config"]
     ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
     run = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
@@ -837,6 +842,144 @@ def run_inpainting(args: argparse.Namespace) -> int:
     plot_curves(rows, out / "inpainting.png")
     print(f"{rows[0]['images']} {args.split} images, {args.sampler} {args.steps} steps, {time.time() - t0:.0f}s; "
           f"table and plot in {out}")
+    return 0
+
+
+# Multi-task LDMSeg [LDMSeg §6; ldmseg.py §10]. One checkpoint answers three tasks; what the paper
+# reports of it (class-aware PQ, second-hand) needs the instance and semantic outputs merged
+# (ldmseg.merge_panoptic). Semantic mIoU is the usual dataset-level one: IoU_c = TP / (TP + FP + FN)
+# from one confusion matrix summed over all images, ground-truth void ignored, averaged over the
+# categories that occur in the ground truth or the prediction. Depth: section 5's metrics.
+
+
+def semantic_confusion(gt, pred, num_ids: int) -> np.ndarray:
+    """(num_ids, num_ids) int64 pixel counts [ground-truth id, predicted id] over the pixels whose
+    ground truth is not void; gt, pred (H, W) integer category ids; predictions outside 0..num_ids-1
+    count as void (0)."""
+    gt, pred = torch.as_tensor(gt).flatten().long(), torch.as_tensor(pred).flatten().long()
+    keep = gt > 0
+    gt, pred = gt[keep], pred[keep]
+    pred = torch.where((pred >= 0) & (pred < num_ids), pred, 0)
+    return torch.bincount(gt * num_ids + pred, minlength=num_ids ** 2).reshape(num_ids, num_ids).numpy()
+
+
+def miou_from_confusion(confusion: np.ndarray, ids: Sequence[int]) -> float:
+    """Mean over the category ids whose union is not empty of TP / (TP + FP + FN); 0.0 if none occurs."""
+    ious = []
+    for c in ids:
+        tp = confusion[c, c]
+        union = confusion[c, :].sum() + confusion[:, c].sum() - tp
+        if union > 0:
+            ious.append(tp / union)
+    return float(np.mean(ious)) if ious else 0.0
+
+
+class MultiTaskScores:
+    """Running sums of the multi-task metrics: add(gt item, predictions) per image, then compute()."""
+
+    def __init__(self, categories: Sequence[dict]):
+        self.categories = list(categories)
+        self.ids = [int(c["id"]) for c in self.categories]
+        self.class_aware = PQAccumulator(self.categories)
+        self.agnostic = PQAccumulator(None, class_agnostic=True)
+        self.confusion = np.zeros((max(self.ids) + 1,) * 2, np.int64)     # (C+1, C+1) [gt id, pred id]
+        self.depth_sums, self.depth_images = {"abs_rel": 0.0, "rmse": 0.0, "delta1": 0.0}, 0
+
+    def add(self, gt: dict, pred: dict) -> tuple[Tensor, list[dict]]:
+        """gt: a dataset item (segments, segments_info, category[, depth]); pred: {instance, semantic[, depth]}
+        (H, W) at the item's size. Returns the class-aware merged map and its segments_info."""
+        import ldmseg
+        merged, info = ldmseg.merge_panoptic(pred["instance"], pred["semantic"], self.categories)
+        self.class_aware.add(gt["segments"], gt["segments_info"], merged, info)
+        self.agnostic.add(gt["segments"], gt["segments_info"], pred["instance"],
+                          data.make_segments_info(pred["instance"].numpy()))
+        self.confusion += semantic_confusion(gt["category"], pred["semantic"], len(self.confusion))
+        if "depth" in pred and "depth" in gt and bool((gt["depth"] > 0).any()):
+            m = depth_metrics(pred["depth"], gt["depth"])
+            for k in self.depth_sums:
+                self.depth_sums[k] += m[k]
+            self.depth_images += 1
+        return merged, info
+
+    def compute(self) -> dict:
+        """Flat metrics in [0, 1] (depth: AbsRel, RMSE in the data's unit, delta1), per image averages."""
+        pq = self.class_aware.compute()
+        out = {"pq": pq["All"]["pq"], "sq": pq["All"]["sq"], "rq": pq["All"]["rq"]}
+        for split in ("Things", "Stuff"):
+            out.update({f"{k}_{split.lower()}": pq[split][k] for k in ("pq", "sq", "rq")})
+        out["pq_agnostic"] = self.agnostic.compute()["All"]["pq"]
+        out["miou"] = miou_from_confusion(self.confusion, self.ids)
+        if self.depth_images:
+            out.update({k: v / self.depth_images for k, v in self.depth_sums.items()})
+        out["images"] = self.class_aware.num_images
+        return out
+
+
+@torch.no_grad()
+def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dict], *, sampler: str = "ddim",
+                       steps: int = 50, batch_size: int = 16, limit: int = 0, device=None, seed: int = 0,
+                       pictures: str | os.PathLike | None = None,
+                       writer: data.PanopticWriter | None = None) -> dict:
+    """A multi-task LDMSeg on (the first `limit` images of) `ds`: MultiTaskScores.compute()'s metrics.
+
+    Every task's latent comes from one batched sampling run per batch (noise from one generator
+    seeded with `seed`) and is decoded at the image's original size, as evaluate_segmentation does.
+    writer: receives the class-aware merged maps; pictures: a grid of the first 8 images.
+    """
+    import ldmseg
+    device = device or next(model.parameters()).device
+    full = _original_size_dataset(ds)
+    scores, rows = MultiTaskScores(categories), []
+    gen = torch.Generator().manual_seed(seed)
+    n = len(ds) if not limit else min(limit, len(ds))
+    for lo in range(0, n, batch_size):
+        idx = list(range(lo, min(lo + batch_size, n)))
+        images = torch.stack([ds[i]["image"] for i in idx]).to(device)
+        z0 = ldmseg.sample_tasks_latents(model, model.encode_image(images), sampler=sampler, steps=steps, generator=gen)
+        for k, i in enumerate(idx):
+            gt = full[i]
+            size = tuple(gt["segments"].shape)
+            pred = {name: ldmseg.decode_task(model, name, z[k:k + 1], size)[0].cpu() for name, z in z0.items()}
+            merged, info = scores.add(gt, pred)
+            if writer is not None:
+                writer.add(gt["file_name"], gt["image_id"], merged.numpy(), {s["id"]: s["category_id"] for s in info})
+            if pictures is not None and len(rows) < 8:
+                rows.append(_multitask_row(gt, pred, merged, model.config.depth_range))
+    if rows:
+        _save_rows(rows, Path(pictures))
+    return scores.compute()
+
+
+def _multitask_row(gt: dict, pred: dict, merged: Tensor, depth_range) -> np.ndarray:
+    """image | semantic truth | semantic | panoptic truth | class-aware merge [| depth truth | depth]."""
+    import ldmseg
+    img = ((gt["image"].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    cols = [img, data.colorize(gt["category"]), data.colorize(pred["semantic"]), data.colorize(gt["segments"]),
+            data.colorize(merged)]
+    if "depth" in gt and "depth" in pred:
+        cols += [ldmseg.depth_picture(d, depth_range).numpy() for d in (gt["depth"], pred["depth"])]
+    return np.concatenate(cols, axis=1)
+
+
+def run_multitask(args: argparse.Namespace) -> int:
+    """Mode: --ckpt of a multi-task run: sample every task on the split, write the class-aware
+    predictions (COCO format, with the split's categories), print PQ, mIoU and depth errors."""
+    t0 = time.time()
+    model, ds, out = _model_and_split(args, "multitask", stage="multitask")
+    categories = list(ds.categories.values())
+    writer = data.PanopticWriter(out, categories)
+    res = evaluate_multitask(model, ds, categories, sampler=args.sampler, steps=args.steps,
+                             batch_size=args.batch_size, limit=args.limit, seed=args.seed, pictures=out, writer=writer)
+    writer.close()
+    pct = lambda k: f"{100 * res[k]:.2f}"
+    print(f"class-aware PQ  All {pct('pq')} (SQ {pct('sq')}, RQ {pct('rq')}) | Things {pct('pq_things')} "
+          f"| Stuff {pct('pq_stuff')} | class-agnostic PQ of the instance task {pct('pq_agnostic')}")
+    line = f"semantic mIoU {pct('miou')}"
+    if "delta1" in res:
+        line += f" | depth AbsRel {res['abs_rel']:.4f} RMSE {res['rmse']:.4f} delta<1.25 {res['delta1']:.4f}"
+    print(f"{line} | {res['images']} {args.split} images | {args.sampler} {args.steps} steps | {time.time() - t0:.0f}s")
+    data.write_json(out / "metrics.json", res)
+    print(f"class-aware predictions, grid.png and metrics.json in {out}")
     return 0
 
 
@@ -1431,7 +1574,9 @@ def _cogen_model_and_split(args: argparse.Namespace):
     import train
     device = train.pick_device(args.device)
     ckpt = train.load_checkpoint(args.ckpt, "cogen")
-    model = cogen.load_pdm(ckpt).to(device)
+    with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
+        model = cogen.load_pdm(ckpt)
+    model = model.to(device)
     if model.config.text_encoder != "words":
         raise SystemExit(f"{args.ckpt}: a context-mode PDM reads precomputed CLIP features, not captions; "
                          f"evaluating it from captions needs a words-mode model")
@@ -1458,7 +1603,9 @@ def _cogen_helpers(args: argparse.Namespace, device: torch.device):
     seg_model = seg_size = inception = None
     if args.seg_ckpt:
         seg = train.load_checkpoint(args.seg_ckpt, "2")
-        seg_model = ldmseg.load_ldmseg(seg).to(device)
+        with train.weights_must_fit(args.seg_ckpt):
+            seg_model = ldmseg.load_ldmseg(seg)
+        seg_model = seg_model.to(device)
         size = (seg.get("config") or {}).get("image_size")
         seg_size = (size, size) if size else None
     else:
@@ -1542,7 +1689,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes reading PNGs (1 = this process only; 0 = one per core, at most 8)")
     m.add_argument("--out", help="write the result (panopticapi's structure) to this JSON file")
     c = p.add_argument_group("a trained model (samples the split, writes predictions, scores them)")
-    c.add_argument("--ckpt", help="run folder or checkpoint: LDMSeg stage 2 (panoptic, inpaint) or PDM (cogen)")
+    c.add_argument("--ckpt", help="run folder or checkpoint: LDMSeg stage 2 (panoptic, inpaint), PDM (cogen), or "
+                   "multi-task LDMSeg (panoptic: class-aware PQ, semantic mIoU and depth errors together)")
     c.add_argument("--task", choices=["panoptic", "inpaint", "cogen"], default="panoptic",
                    help="panoptic: segment the split; inpaint: PQ against the fraction of the map given; "
                         "cogen: co-generate from the split's captions (MCD, caption agreement, consistency, FID)")
@@ -1619,8 +1767,19 @@ def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error("--seg-ckpt, --inception and --image-vae belong to --ckpt ... --task cogen")
     if args.ckpt:
         args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
+        if _is_multitask_checkpoint(args.ckpt):
+            if args.task != "panoptic":
+                parser.error(f"{args.ckpt} is a multi-task checkpoint: it is evaluated with --task panoptic "
+                             f"(class-aware PQ, semantic mIoU and depth together)")
+            return run_multitask
         return run_inpainting if args.task == "inpaint" else run_checkpoint
     parser.error("give --gt-json and --pred-json, or --ckpt")
+
+
+def _is_multitask_checkpoint(path: str) -> bool:
+    """True when --ckpt is a run of train.py --stage multitask (read without loading its tensors)."""
+    import train
+    return train.checkpoint_stage(path) == "multitask"
 
 
 def main(argv: list[str] | None = None) -> int:

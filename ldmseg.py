@@ -23,10 +23,12 @@ Contents (`grep -n '^# [0-9]' ldmseg.py`)
                                    diffusers' UNet2DConditionModel parameter names; UNetConfig, UNet
   8. LDMSeg model                  [LDMSeg brief §3] concat conditioning, zero-initialised new input
                                    channels, self-conditioning, min-SNR-gamma weights, void-masked
-                                   loss, learnable task embeddings
+                                   loss; optional learnable task embeddings read by cross-attention
   9. Decoding                      [LDMSeg brief §4] logits -> panoptic segments (argmax + thresholds)
- 10. Mask inpainting               [LDMSeg brief §5] zero-shot, known latents kept during sampling
- 11. Weight loading                Stable Diffusion / diffusers / CompVis checkpoints by name
+ 10. Multi-task LDMSeg             [LDMSeg §6 / Fig. 1] instance, semantic and depth latents, the
+                                   task-sampling rule, per-task decoding, the class-aware merge
+ 11. Mask inpainting               [LDMSeg brief §5] zero-shot, known latents kept during sampling
+ 12. Weight loading                Stable Diffusion / diffusers / CompVis checkpoints by name
 
 Run
   Nothing to run here: train.py trains the models, sample.py samples them, evaluate.py scores them.
@@ -55,6 +57,9 @@ Deviations from the paper / official code (and why)
     never regularised); diffusion uses the posterior mean [LDMSeg brief §2.3, §8.11].
   * DEVIATION: point sampling extends maps by their border values where the official code pads
     with zeros (which damps logits and soft targets at the image border; see `point_sample`).
+  * DEVIATION: multi-task LDMSeg was never released (brief §6): only the task embeddings through
+    cross-attention are the paper's; how semantic maps and depth become latents, the task-sampling
+    rule, the loss balance and the class-aware merge rule are ours (section 10 says which and why).
 
 Left out
   The official code's unused options (codebook / Gumbel bottlenecks, mid blocks in the mask AE,
@@ -84,7 +89,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from data import ids_to_bits
+from data import ids_to_bits, remap_ids
 from sample import (KnownRegion, NoiseSchedule, ddim_sample, ddpm_sample, dpm_solver_pp_sample,
                     predict_x0_from_eps)
 
@@ -1150,6 +1155,14 @@ class UNet(nn.Module):
 # sampling run is never trained; we follow Analog Bits and feed it on 50 % of samples (zeros on the
 # rest), so both states the sampler uses are trained, and the extra no-grad pass runs on half the
 # batch only.
+#
+# Task embeddings [LDMSeg §6, Fig. 1 right: "learnable task embeddings"; brief §6]. With
+# `config.tasks` set, the UNet keeps its cross-attention (context_dim = D_ctx) and its context is
+# the task's learned embedding: task_tokens rows of an nn.Embedding(num_tasks * task_tokens, D_ctx),
+# the hook the official code has (`define_learnable_embedding`, 768-wide) but never trains. The
+# same weights then denoise whichever task's latent the embedding names (section 10). With a single
+# token the softmax over keys is 1, so every attn2 adds one learned vector per task and block, a
+# task-specific shift; more tokens let each position attend to a different mix of them.
 
 
 @dataclass
@@ -1168,6 +1181,10 @@ class LDMSegConfig:
     count_th: float = 512.0                            # decoding: min segment area in pixels at 512^2, scaled by area  [PAPER: 512]
     overlap_th: float = 0.5                            # decoding: min |argmax region| / |sigmoid >= mask_th region|  [PAPER: 0.5]
     zero_init_condition: bool = True                   # zero conv_in's image / self-condition inputs  [PAPER]
+    signal_scale: float = 1.0                          # b: the diffusion sees b * s_t * mean; b < 1 lowers every SNR_t  [PAPER: s]
+    tasks: tuple[str, ...] = ()                        # multi-task: names from TASKS, one learned embedding each; () = one task  [PAPER §6]
+    task_tokens: int = 1                               # multi-task: context tokens per task (cross-attention keys)  [PAPER: 1 embedding]
+    depth_range: tuple[float, float] = (1.0, 64.0)     # multi-task: depths (m) mapped to -1 / +1 on a log scale  [ours; Shapes 1-60 m]
 
     def __post_init__(self):
         # Checkpoints store configs as plain dicts: rebuild the nested configs from them.
@@ -1175,12 +1192,21 @@ class LDMSegConfig:
         self.mask_ae = MaskAEConfig(**self.mask_ae) if isinstance(self.mask_ae, dict) else (self.mask_ae or MaskAEConfig())
         self.image_ae = (ImageAEConfig(**self.image_ae) if isinstance(self.image_ae, dict)
                          else (self.image_ae or ImageAEConfig()))
+        _as_tuples(self)                                                  # tasks, depth_range back from JSON lists
 
     @classmethod
     def preset(cls, name: str) -> "LDMSegConfig":
         """`coco` (LDMSeg's released model), `shapes` or `tiny`: the three parts' presets."""
+        # PAPER: LDMSeg scales its latents with s to lower the SNR, so the model relies more on the
+        # image (brief §3.1, second-hand; §7). Ours are made unit-variance by stage 1 (s_t = 1 / std),
+        # so for Shapes the signal scale b = 0.3 lowers them.
+        # Measured (1,300 steps, 64 val images, DDIM 20): PQ 8.0 at b = 0.3 against 6.6 at b = 1.
+        # On 16 x 16 latents of flat segments, unit-variance latents stay legible through much of the
+        # noise, and the model then leans on z_t rather than on the image (Chen 2023, "On the
+        # importance of noise scheduling"). coco keeps b = 1.
+        extra = {"shapes": dict(signal_scale=0.3)}.get(name, {})
         return cls(unet=UNetConfig.preset(name), mask_ae=MaskAEConfig.preset(name),
-                   image_ae=ImageAEConfig.preset(name))
+                   image_ae=ImageAEConfig.preset(name), **extra)
 
 
 def zero_init_new_inputs(conv_in: nn.Conv2d, keep: int) -> None:
@@ -1212,6 +1238,12 @@ class LDMSeg(nn.Module):
         self.mask_ae = MaskAutoencoder(config.mask_ae).requires_grad_(False)
         self.image_ae = ImageAutoencoder(config.image_ae).requires_grad_(False)
         self.schedule = NoiseSchedule(config.schedule, config.num_train_steps)
+        if config.tasks:
+            if config.unet.context_dim is None:
+                raise ValueError("a multi-task LDMSeg reads its task through cross-attention: set unet.context_dim")
+            # nn.Embedding's N(0, 1) init: unit variance per dimension, the scale of SD's (LayerNormed)
+            # CLIP context, so cross-attention started from SD weights sees inputs of its usual size.
+            self.task_embedding = nn.Embedding(len(config.tasks) * config.task_tokens, config.unet.context_dim)
 
     def train(self, mode: bool = True) -> "LDMSeg":
         """The autoencoders stay in eval mode: they are frozen feature extractors."""
@@ -1220,12 +1252,29 @@ class LDMSeg(nn.Module):
         self.image_ae.eval()
         return self
 
-    def forward(self, z_t: Tensor, t: Tensor, z_image: Tensor, x0_self: Tensor | None = None) -> Tensor:
-        """eps_pred (B, 4, h, w) from z_t, z_image (B, 4, h, w) and optionally x0_self (zeros if None)."""
+    def forward(self, z_t: Tensor, t: Tensor, z_image: Tensor, x0_self: Tensor | None = None,
+                task: Tensor | None = None) -> Tensor:
+        """eps_pred (B, 4, h, w) from z_t, z_image (B, 4, h, w), optionally x0_self (zeros if None) and,
+        for a multi-task model only, task (B,) int64: indices into config.tasks."""
         parts = [z_t, z_image]
         if self.config.self_condition:
             parts.append(torch.zeros_like(z_t) if x0_self is None else x0_self)
-        return self.unet(torch.cat(parts, dim=1), t)                     # (B, 12, h, w) -> (B, 4, h, w)
+        return self.unet(torch.cat(parts, dim=1), t, self.task_context(task))  # (B, 12, h, w) -> (B, 4, h, w)
+
+    def task_context(self, task: Tensor | None) -> Tensor | None:
+        """task (B,) int64 indices into config.tasks -> cross-attention context (B, L, D_ctx), L = task_tokens.
+
+        None for a single-task model (no cross-attention), which must not be given a task.
+        """
+        if not self.config.tasks:
+            if task is not None:
+                raise ValueError("this LDMSeg has no tasks (config.tasks is empty): call it without task")
+            return None
+        if task is None:
+            raise ValueError(f"a multi-task LDMSeg needs task (B,) int64, indices into {self.config.tasks}")
+        L, device = self.config.task_tokens, self.task_embedding.weight.device
+        rows = task.to(device)[:, None] * L + torch.arange(L, device=device)  # (B,) -> (B, L) embedding rows
+        return self.task_embedding(rows)                                  # (B, L) -> (B, L, D_ctx)
 
     @torch.no_grad()
     def encode_image(self, image: Tensor) -> Tensor:
@@ -1236,12 +1285,17 @@ class LDMSeg(nn.Module):
     def encode_ids(self, ids: Tensor) -> Tensor:
         """ids (B, H, W) int64 (already remapped into 1..2^K-1) -> z_0 = s_t * mean (B, 4, h, w)."""
         bits = ids_to_bits(ids, self.config.mask_ae.num_bits)
-        return self.mask_ae.encode(bits)[0] * self.config.mask_ae.scale_factor
+        return self.mask_ae.encode(bits)[0] * self.latent_scale
 
     @torch.no_grad()
     def decode_latent(self, z0: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """z_0 (B, 4, h, w) -> id logits (B, 2^K, H, W) at full size (or `size`)."""
-        return self.mask_ae.decode_full(z0 / self.config.mask_ae.scale_factor, size)
+        return self.mask_ae.decode_full(z0 / self.latent_scale, size)
+
+    @property
+    def latent_scale(self) -> float:
+        """b * s_t: unit-variance panoptic latents (s_t = 1 / std from stage 1) times the signal scale b."""
+        return self.config.mask_ae.scale_factor * self.config.signal_scale
 
 
 def void_mask_latent(ids: Tensor, h: int, w: int) -> Tensor:
@@ -1255,8 +1309,17 @@ def min_snr_weight(snr: Tensor, gamma: float) -> Tensor:
     return snr.clamp(max=gamma) / snr
 
 
+def denoise(model: nn.Module, z_t: Tensor, t: Tensor, z_image: Tensor, x0_self: Tensor | None,
+            task: Tensor | None) -> Tensor:
+    """model(z_t, t, z_image, x0_self[, task]): the task is passed only to a multi-task model, so a
+    single-task call keeps the four-argument denoiser interface (wrappers and test spies see no change)."""
+    if task is None:
+        return model(z_t, t, z_image, x0_self)
+    return model(z_t, t, z_image, x0_self, task)
+
+
 def self_condition_input(model: nn.Module, z_t: Tensor, t: Tensor, z_image: Tensor, use: Tensor,
-                         schedule) -> Tensor:
+                         schedule, task: Tensor | None = None) -> Tensor:
     """x0_self for training: a no-grad pass's x0 estimate where `use` (B,) bool, zeros elsewhere.
 
     The pass runs on the selected samples only; its output is detached, as in Analog Bits.
@@ -1264,16 +1327,17 @@ def self_condition_input(model: nn.Module, z_t: Tensor, t: Tensor, z_image: Tens
     x0_self = torch.zeros_like(z_t)
     if use.any():
         with torch.no_grad():
-            eps = model(z_t[use], t[use], z_image[use], None)
+            eps = denoise(model, z_t[use], t[use], z_image[use], None, None if task is None else task[use])
             x0_self[use] = predict_x0_from_eps(z_t[use], t[use], eps.float(), schedule).to(x0_self.dtype)
     return x0_self
 
 
 def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_image: Tensor, valid: Tensor,
-                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                generator: torch.Generator | None = None, task: Tensor | None = None) -> dict[str, Tensor]:
     """The stage-2 objective [LDMSeg brief §3.3]: mean( w(t) * valid * (eps_pred - eps)^2 ).
 
-    model: the (possibly compiled / DDP-wrapped) LDMSeg; z0, z_image: (B, 4, h, w); valid (B, 1, h, w).
+    model: the (possibly compiled / DDP-wrapped) LDMSeg; z0, z_image: (B, 4, h, w); valid (B, 1, h, w);
+    task: (B,) int64 for a multi-task model (each sample's task, section 10), else None.
     QUIRK: the mean runs over all elements, masked ones included, as the official code (not over the
     valid count) -- images with much void contribute less [LDMSeg brief §8.10].
     """
@@ -1284,8 +1348,8 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
     x0_self = None
     if config.self_condition:
         use = (torch.rand(B, generator=generator) < config.self_condition_prob).to(device)
-        x0_self = self_condition_input(model, z_t, t, z_image, use, schedule)
-    eps_pred = model(z_t, t, z_image, x0_self).float()
+        x0_self = self_condition_input(model, z_t, t, z_image, use, schedule, task)
+    eps_pred = denoise(model, z_t, t, z_image, x0_self, task).float()
     w = min_snr_weight(schedule.snr(t), config.min_snr_gamma)            # (B,)
     se = (eps_pred - eps).pow(2) * valid                                 # (B, 4, h, w)
     loss = (w.view(B, 1, 1, 1) * se).mean()
@@ -1323,18 +1387,20 @@ def panoptic_from_logits(logits: Tensor, mask_th: float = 0.5, count_th: float =
 
 
 def sample_latent(model: LDMSeg, z_image: Tensor, *, sampler: str = "ddim", steps: int = 50,
-                  generator: torch.Generator | None = None, known=None, callback=None) -> Tensor:
+                  generator: torch.Generator | None = None, known=None, callback=None,
+                  task: Tensor | None = None) -> Tensor:
     """Denoise a panoptic latent for each image latent: z_image (B, 4, h, w) -> z_0 (B, 4, h, w).
 
     The denoiser passed to the sampler closes over the self-conditioning state: the first call gets
     zeros, every later call the x0 estimate of the call before [LDMSeg brief §4.3].
     PAPER: DDIM, eta 0, 50 steps on t = 999, 979, ..., 19 ('trailing' spacing), the last step
     returning x0_pred. `sampler` in {'ddim', 'dpm++', 'ddpm'}; initial noise from `generator`.
+    task: (B,) int64 for a multi-task model -- which task's latent each row denoises (section 10).
     """
     state: dict[str, Tensor | None] = {"x0": None}
 
     def eps_model(z_t: Tensor, t: Tensor) -> Tensor:
-        eps = model(z_t, t, z_image, state["x0"]).float()
+        eps = denoise(model, z_t, t, z_image, state["x0"], task).float()
         state["x0"] = predict_x0_from_eps(z_t, t, eps, model.schedule)
         return eps
 
@@ -1378,7 +1444,247 @@ def load_ldmseg(ckpt: dict, use_ema: bool = True) -> LDMSeg:
 
 
 # -----------------------------------------------------------------------------
-# 10. Mask inpainting                               [LDMSeg §5 (brief §5, §8.7); RePaint §4.1]
+# 10. Multi-task LDMSeg: task latents, task sampling, merge    [LDMSeg §6, Fig. 1 right; brief §6]
+# -----------------------------------------------------------------------------
+# LDMSeg's last claim: one model, several dense tasks, told apart only by a learnable task embedding
+# (section 8's `tasks`; brief §6, second-hand: instance segmentation, semantic segmentation and depth,
+# with class-aware panoptic from the instance and semantic outputs). None of it was released (brief
+# §6, issue #3), so everything below that is not the embedding itself is our choice:
+#
+#   task      its latent z_0 (B, 4, h, w)                        decoded by
+#   instance  stage 2's: random ids in 1..2^K-1 -> bits -> mask   the mask AE + LDMSeg's thresholds
+#             AE mean x b s_t
+#   semantic  the category-id map itself (no remap: the id is     argmax of the mask AE's 2^K logits
+#             the meaning) -> bits -> the same frozen mask AE     (no thresholds: every pixel has a class)
+#   depth     log depth in [-1, 1], averaged over each f x f      channel mean -> bilinear x f -> exp
+#             cell, repeated on the 4 channels, x b
+#
+# Semantic: the mask AE was trained on arbitrary ids, so it encodes any map with ids <= 2^K - 1 --
+# Shapes' 9 categories fit its 4 bits; COCO's ids reach 200 and need an 8-bit AE (the 7-bit coco AE
+# holds 127, so the multi-task stage refuses it).
+# Depth enters directly, not through an autoencoder of its own: a smooth map loses little to 8 x 8
+# averaging, the encoding is exact at latent resolution and needs no training; its cost is blur at
+# depth edges (one latent cell). Log depth because AbsRel and delta < 1.25 are relative errors: a
+# fixed error in log depth is a fixed relative error, whereas a linear scale would spend the range
+# on the far sky and leave things at 1-3 m a few hundredths apart. The 4 copies are denoised with 4
+# independent noises and averaged at decoding, which averages their errors. b (signal_scale) scales
+# it as it scales the map latents, so every task sees the same SNR schedule.
+#
+# Task sampling: every training sample gets a task drawn uniformly from config.tasks by the step's
+# generator (independent per sample), so each batch mixes tasks and each task has 1/3 of the
+# samples in expectation; the loss is stage 2's eps-loss with equal weights (the paper's balancing is
+# unknown). Cells whose target is void (no id, no category, no depth) are masked out as in stage 2.
+#
+# Class-aware panoptic (merge_panoptic): each instance segment takes the majority category of the
+# semantic prediction over its pixels; thing segments stay separate, all segments of one stuff
+# category become one segment; instance void stays void.
+#
+# (This section follows section 9 because it samples and decodes with section 9's functions.)
+
+TASKS = ("instance", "semantic", "depth")
+TASK_CONTEXT_DIM = {"coco": 768, "shapes": 64, "tiny": 16}   # PAPER: "786" (brief §6), SD-1.x's 768
+
+
+def multitask_config(name: str) -> LDMSegConfig:
+    """The preset's LDMSegConfig with all three tasks and cross-attention to their embeddings."""
+    base = LDMSegConfig.preset(name)
+    unet = dataclasses.replace(base.unet, context_dim=TASK_CONTEXT_DIM[name])
+    return dataclasses.replace(base, unet=unet, tasks=TASKS)
+
+
+def task_index(config: LDMSegConfig, name: str) -> int:
+    """Position of task `name` in config.tasks (its embedding rows), with a clear error if absent."""
+    if name not in config.tasks:
+        raise ValueError(f"this model was trained on tasks {config.tasks}, not {name!r}")
+    return config.tasks.index(name)
+
+
+def sample_tasks(batch_size: int, config: LDMSegConfig, generator: torch.Generator | None = None) -> Tensor:
+    """The task-sampling rule: (B,) int64, each sample's task uniform over config.tasks, independently."""
+    return torch.randint(0, len(config.tasks), (batch_size,), generator=generator)
+
+
+def depth_to_unit(depth: Tensor, depth_range: tuple[float, float]) -> Tensor:
+    """Depth (any shape, metres) -> log depth mapped linearly onto [-1, 1]; clamped to depth_range."""
+    lo, hi = math.log(depth_range[0]), math.log(depth_range[1])
+    return 2.0 * (depth.clamp(*depth_range).log() - lo) / (hi - lo) - 1.0
+
+
+def unit_to_depth(u: Tensor, depth_range: tuple[float, float]) -> Tensor:
+    """The inverse of depth_to_unit: [-1, 1] (clamped) -> metres."""
+    lo, hi = math.log(depth_range[0]), math.log(depth_range[1])
+    return torch.exp(lo + (u.clamp(-1.0, 1.0) + 1.0) / 2.0 * (hi - lo))
+
+
+def encode_depth(depth: Tensor, factor: int, depth_range: tuple[float, float], channels: int) -> tuple[Tensor, Tensor]:
+    """depth (B, H, W) metres, 0 = unknown -> latent (B, C, H/f, W/f) in [-1, 1] and valid (B, 1, H/f, W/f).
+
+    Each cell holds the mean log depth of its known pixels, repeated on the C channels; a cell with no
+    known pixel is 0 and invalid (masked out of the loss, like void).
+    """
+    known = (depth > 0).float()[:, None]                                  # (B, 1, H, W)
+    u = depth_to_unit(depth, depth_range)[:, None] * known                # clamped before the log: 0 is safe
+    total = F.avg_pool2d(u, factor)                                       # (B, 1, H, W) -> (B, 1, h, w)
+    share = F.avg_pool2d(known, factor)                                   # known fraction of each cell
+    cell = total / share.clamp_min(1e-6)                                  # mean over known pixels only
+    return cell.expand(-1, channels, -1, -1).contiguous(), (share > 0).float()   # (B, C, h, w), (B, 1, h, w)
+
+
+def decode_depth(z: Tensor, depth_range: tuple[float, float], size: tuple[int, int]) -> Tensor:
+    """Latent (B, C, h, w) in [-1, 1] -> depth (B, *size) metres: channel mean, bilinear upsampling, exp."""
+    u = F.interpolate(z.float().mean(1, keepdim=True), size=size, mode="bilinear", align_corners=False)
+    return unit_to_depth(u[:, 0], depth_range)                            # (B, 1, H, W) -> (B, H, W)
+
+
+def _instance_latent(model: LDMSeg, targets: dict, generator) -> tuple[Tensor, Tensor]:
+    """Stage 2's target: fresh random ids (PAPER, brief §2.1 step 4) -> mask AE latent; void masked."""
+    segments = targets["segments"]
+    z0 = model.encode_ids(remap_ids(segments, model.config.mask_ae.num_bits, generator))
+    return z0, void_mask_latent(segments, *z0.shape[-2:])
+
+
+def _semantic_latent(model: LDMSeg, targets: dict, generator) -> tuple[Tensor, Tensor]:
+    """Category ids, as they are, through the same mask AE; void masked."""
+    category = targets["category"]
+    top = 2 ** model.config.mask_ae.num_bits - 1
+    if int(category.max()) > top:
+        raise ValueError(f"category ids reach {int(category.max())}, but the {model.config.mask_ae.num_bits}-bit "
+                         f"mask autoencoder encodes ids up to {top}")
+    z0 = model.encode_ids(category)
+    return z0, void_mask_latent(category, *z0.shape[-2:])
+
+
+def _depth_latent(model: LDMSeg, targets: dict, generator) -> tuple[Tensor, Tensor]:
+    """The direct depth encoding times the signal scale b; cells without known depth masked."""
+    if targets.get("depth") is None:
+        raise ValueError("the depth task needs depth maps: the dataset has no depth/<split>/ folder")
+    c = model.config
+    z, valid = encode_depth(targets["depth"], model.mask_ae.downsample_factor, c.depth_range,
+                            c.mask_ae.latent_channels)
+    return z * c.signal_scale, valid
+
+
+def _decode_semantic(model: LDMSeg, z0: Tensor, size: tuple[int, int]) -> Tensor:
+    """Semantic latent (B, 4, h, w) -> category ids (B, *size) int64: argmax of the 2^K logits."""
+    return model.decode_latent(z0, size).argmax(dim=1)
+
+
+def _decode_depth(model: LDMSeg, z0: Tensor, size: tuple[int, int]) -> Tensor:
+    """Depth latent (B, 4, h, w) -> depth (B, *size) float32 metres."""
+    return decode_depth(z0 / model.config.signal_scale, model.config.depth_range, size)
+
+
+# task -> (its training latent and validity, its decoder): the one place that lists what a task is.
+TASK_CODECS: dict[str, tuple[Callable, Callable]] = {
+    "instance": (_instance_latent, decode_panoptic),
+    "semantic": (_semantic_latent, _decode_semantic),
+    "depth": (_depth_latent, _decode_depth),
+}
+
+
+def task_latents(model: LDMSeg, task: Tensor, targets: dict, generator: torch.Generator | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """Each sample's clean latent for its task: task (B,) int64 -> z_0 (B, 4, h, w), valid (B, 1, h, w).
+
+    targets: segments (B, H, W) int64, category (B, H, W) int64, depth (B, H, W) float metres (or absent).
+    """
+    z0 = valid = None
+    for k, name in enumerate(model.config.tasks):
+        rows = task == k
+        if not rows.any():
+            continue
+        z, v = TASK_CODECS[name][0](model, {key: x[rows] for key, x in targets.items() if x is not None}, generator)
+        if z0 is None:
+            z0 = z.new_zeros(task.shape[0], *z.shape[1:])                 # (B, 4, h, w)
+            valid = v.new_zeros(task.shape[0], *v.shape[1:])              # (B, 1, h, w)
+        z0[rows], valid[rows] = z.to(z0.dtype), v.to(valid.dtype)
+    return z0, valid
+
+
+def multitask_loss(model: nn.Module, net: LDMSeg, z_image: Tensor, targets: dict,
+                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """The multi-task objective: draw each sample's task (sample_tasks), build its latent, stage 2's loss.
+
+    model: what to call (possibly compiled / DDP-wrapped); net: the LDMSeg itself (encoders, config).
+    z_image (B, 4, h, w); targets as in task_latents, on z_image's device.
+    """
+    task = sample_tasks(z_image.shape[0], net.config, generator).to(z_image.device)
+    z0, valid = task_latents(net, task, targets, generator)
+    return ldmseg_loss(model, net.config, net.schedule, z0.float(), z_image, valid, generator, task)
+
+
+@torch.no_grad()
+def sample_tasks_latents(model: LDMSeg, z_image: Tensor, tasks: tuple[str, ...] | None = None, *,
+                         sampler: str = "ddim", steps: int = 50,
+                         generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """{task: z_0 (B, 4, h, w)} for every image latent (B, 4, h, w), all tasks in one batched sampling run."""
+    tasks = tuple(tasks or model.config.tasks)
+    B = z_image.shape[0]
+    task = torch.tensor([task_index(model.config, n) for n in tasks]).repeat_interleave(B)   # (T B,)
+    z0 = sample_latent(model, z_image.repeat(len(tasks), 1, 1, 1), sampler=sampler, steps=steps,
+                       generator=generator, task=task.to(z_image.device))                    # (T B, 4, h, w)
+    return {name: z0[k * B:(k + 1) * B] for k, name in enumerate(tasks)}
+
+
+def decode_task(model: LDMSeg, name: str, z0: Tensor, size: tuple[int, int]) -> Tensor:
+    """z_0 (B, 4, h, w) of task `name` -> instance ids / category ids (B, *size) int64, or depth float32."""
+    return TASK_CODECS[name][1](model, z0, size)
+
+
+@torch.no_grad()
+def predict_tasks(model: LDMSeg, image: Tensor, tasks: tuple[str, ...] | None = None, *, sampler: str = "ddim",
+                  steps: int = 50, generator: torch.Generator | None = None,
+                  size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    """Images (B, 3, H, W) in [-1, 1] -> {task: decoded output at `size` (default (H, W))}."""
+    size = size or tuple(image.shape[-2:])
+    z0 = sample_tasks_latents(model, model.encode_image(image), tasks, sampler=sampler, steps=steps,
+                              generator=generator)
+    return {name: decode_task(model, name, z, size) for name, z in z0.items()}
+
+
+def merge_panoptic(instance: Tensor, semantic: Tensor, categories) -> tuple[Tensor, list[dict]]:
+    """Class-aware panoptic map of one image from its instance and semantic predictions.
+
+    instance (H, W) int64 segment ids, 0 = void; semantic (H, W) int64 category ids, 0 = void;
+    categories: COCO category dicts with id and isthing. Returns ids (H, W) int64 (1..S, 0 = void) and
+    segments_info [{id, category_id, iscrowd 0, isthing}].
+      1. Each instance segment takes the majority category of `semantic` over its pixels. Semantic
+         void and ids that name no category do not vote; ties go to the smallest id; a segment with
+         no vote at all becomes void.
+      2. Thing segments stay separate; all segments of one stuff category become one segment.
+      3. Instance void stays void, whatever the semantic map says there.
+    """
+    isthing = {int(c["id"]): int(c.get("isthing", 1)) for c in categories}
+    known = torch.tensor(sorted(isthing), dtype=semantic.dtype, device=semantic.device)
+    votes_map = torch.where(torch.isin(semantic, known), semantic, 0)       # (H, W), non-categories -> 0
+    out, info, stuff_segment = torch.zeros_like(instance), [], {}
+    for k in instance.unique().tolist():
+        if k == 0:
+            continue
+        mask = instance == k
+        votes = torch.bincount(votes_map[mask], minlength=1)
+        votes[0] = 0                                                      # void does not vote
+        if int(votes.sum()) == 0:
+            continue                                                      # (1) no vote: void
+        cat = int(votes.argmax())                                         # first maximum = smallest id
+        if not isthing[cat] and cat in stuff_segment:
+            out[mask] = stuff_segment[cat]                                # (2) one segment per stuff category
+            continue
+        out[mask] = len(info) + 1
+        info.append({"id": len(info) + 1, "category_id": cat, "iscrowd": 0, "isthing": isthing[cat]})
+        if not isthing[cat]:
+            stuff_segment[cat] = len(info)
+    return out, info
+
+
+def depth_picture(depth: Tensor, depth_range: tuple[float, float]) -> Tensor:
+    """Depth (H, W) metres -> (H, W, 3) uint8 grey on the log scale of the encoding; near is bright."""
+    grey = ((1.0 - depth_to_unit(depth.float(), depth_range)) * 127.5).round()
+    return grey.to(torch.uint8)[..., None].expand(-1, -1, 3).cpu()
+
+
+# -----------------------------------------------------------------------------
+# 11. Mask inpainting                               [LDMSeg §5 (brief §5, §8.7); RePaint §4.1]
 # -----------------------------------------------------------------------------
 # Zero-shot: the stage-2 model is used as trained. The known part of the map is encoded into the
 # latent (bits -> mask AE mean x s_t) and, before every denoising step, the known latent cells of
@@ -1503,7 +1809,7 @@ def known_cells_from_pixels(pixel_known: Tensor, factor: int = 8, min_share: flo
 
 
 # -----------------------------------------------------------------------------
-# 11. Weight loading                     [safetensors format; CompVis LDM; diffusers; LDMSeg brief §3.2]
+# 12. Weight loading                     [safetensors format; CompVis LDM; diffusers; LDMSeg brief §3.2]
 # -----------------------------------------------------------------------------
 # Stable Diffusion's weights are published in three containers and two naming layouts. This section
 # reads all of them into the modules above, on torch and the standard library alone.

@@ -28,7 +28,7 @@ Contents (grep -n '^# [0-9]' sample.py)
   8. DPM-Solver++             the exponential integrator, updates of order 1-3, the sampler
   9. A Gaussian oracle        exact denoiser and exact probability-flow ODE solution for
                               N(mu, std^2) data: what the tests and the benchmark check against
-  10. Command line            python sample.py --task panoptic | inpaint | cogen (last section)
+  10. Command line            python sample.py --task panoptic | inpaint | cogen | semantic | depth
 
 Run
   python sample.py --help                       the command line
@@ -891,6 +891,7 @@ def gaussian_flow(z: Tensor, t_from: int, t_to: int, mu, std, schedule: NoiseSch
 # python sample.py --task panoptic --ckpt RUN --image IMG [IMG ...] | --split val   (LDMSeg)
 # python sample.py --task inpaint --ckpt RUN --image IMG --known-map PARTIAL.png     (LDMSeg §5)
 # python sample.py --task cogen --ckpt RUN --prompt "two red circles on grass" [--map MAP.png]  (PDM)
+# python sample.py --task panoptic | semantic | depth --ckpt MULTITASK_RUN --split val       (LDMSeg §6)
 # The models live downstream of this file (ldmseg.py imports it), so main() imports them late.
 
 
@@ -899,9 +900,11 @@ def build_parser() -> "argparse.ArgumentParser":
     p = argparse.ArgumentParser(description="Sample a trained model: segment images (LDMSeg) or co-generate "
                                             "images and maps from a caption (PDM).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=["panoptic", "inpaint", "cogen"], default="panoptic",
-                   help="panoptic: segment images with an LDMSeg stage-2 checkpoint; "
-                        "inpaint: complete a partial panoptic map (--image + --known-map); "
+    p.add_argument("--task", choices=["panoptic", "inpaint", "cogen", "semantic", "depth"], default="panoptic",
+                   help="panoptic: segment images with an LDMSeg stage-2 checkpoint (class-aware with a multi-task "
+                        "checkpoint: its instance and semantic outputs merged); "
+                        "semantic, depth: category maps or depth maps with a multi-task (train.py --stage multitask) "
+                        "checkpoint; inpaint: complete a partial panoptic map (--image + --known-map); "
                         "cogen: images and category maps from --prompt with a PDM (train.py --stage cogen) checkpoint")
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
     src = p.add_argument_group("inputs (one of)")
@@ -1124,10 +1127,13 @@ def cogen_images(args, ckpt: dict, device) -> Path:
     from PIL import Image
     import cogen
     import data
-    model = cogen.load_pdm(ckpt, use_ema=not args.raw_weights).to(device)
+    import train
+    with train.weights_must_fit(args.ckpt):               # a damaged / foreign file: one clear error
+        model = cogen.load_pdm(ckpt, use_ema=not args.raw_weights)
+        autoencoder = cogen.load_image_ae(ckpt)
+    model, autoencoder = model.to(device), autoencoder.to(device)
     if model.tokenizer is None:
         raise SystemExit(f"{args.ckpt}: a context-mode PDM reads precomputed CLIP features, not prompts")
-    autoencoder = cogen.load_image_ae(ckpt).to(device)
     given = _given_map_bits(args, model.config)
     _prompt_notes(model, args.prompt)
     images, maps = _cogen_pictures(model, autoencoder, args, given)
@@ -1150,6 +1156,63 @@ def cogen_images(args, ckpt: dict, device) -> Path:
     return out
 
 
+def multitask_images(args, device) -> Path:
+    """--task panoptic | semantic | depth with a multi-task checkpoint (train.py --stage multitask)  [LDMSeg §6].
+
+    panoptic: class-aware, the instance and semantic outputs merged (ldmseg.merge_panoptic), written as
+    COCO predictions with the checkpoint's categories plus colour and overlay pictures; semantic:
+    NAME_semantic.png (category ids, 0 = void) and a colour picture; depth: NAME_depth.png (uint16
+    millimetres, the dataset's format) and a grey picture, near = bright.
+    """
+    import numpy as np
+    from PIL import Image
+    import data
+    import ldmseg
+    import train
+    if args.task == "inpaint":
+        raise SystemExit(f"{args.ckpt}: mask inpainting needs a stage-2 checkpoint (train.py --stage 2)")
+    ckpt = train.load_checkpoint(args.ckpt, "multitask")
+    with train.weights_must_fit(args.ckpt):
+        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights).to(device)
+    categories = ckpt["categories"]
+    names = {c["id"]: c["name"] for c in categories}
+    tasks = ("instance", "semantic") if args.task == "panoptic" else (args.task,)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = data.PanopticWriter(out, categories) if args.task == "panoptic" else None
+    gen = torch.Generator().manual_seed(args.seed)
+    for file_name, image_id, x, orig in _inputs(args, ckpt["config"]):
+        pred = ldmseg.predict_tasks(model, x[None].to(device), tasks, sampler=args.sampler, steps=args.steps,
+                                    generator=gen, size=orig)
+        pred = {k: v[0].cpu() for k, v in pred.items()}                     # (H, W) each
+        stem = Path(file_name).stem
+        if args.task == "panoptic":
+            merged, info = ldmseg.merge_panoptic(pred["instance"], pred["semantic"], categories)
+            writer.add(file_name, image_id, merged.numpy(), {s["id"]: s["category_id"] for s in info})
+            rgb = np.asarray(Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8))
+                             .resize(orig[::-1], Image.BICUBIC))
+            Image.fromarray(data.colorize(merged)).save(out / f"{stem}_color.png")
+            Image.fromarray(data.overlay(rgb, merged.numpy())).save(out / f"{stem}_overlay.png")
+            print(f"{file_name}: " + (", ".join(names[s["category_id"]] for s in info) or "(no segment)"))
+        elif args.task == "semantic":
+            known = torch.tensor(sorted(names))
+            semantic = torch.where(torch.isin(pred["semantic"], known), pred["semantic"], 0).numpy()
+            Image.fromarray(semantic.astype(np.uint8)).save(out / f"{stem}_semantic.png")     # mode L: ids
+            Image.fromarray(data.colorize(semantic)).save(out / f"{stem}_semantic_color.png")
+            print(f"{file_name}: " + ", ".join(names[int(c)] for c in np.unique(semantic) if c))
+        else:
+            depth = pred["depth"]
+            millimetres = (depth * 1000).round().clamp(0, 65535).numpy().astype(np.uint16)
+            Image.fromarray(millimetres).save(out / f"{stem}_depth.png")                     # mode I;16
+            grey = ldmseg.depth_picture(depth, model.config.depth_range).numpy()
+            Image.fromarray(grey).save(out / f"{stem}_depth_color.png")
+            print(f"{file_name}: depth {float(depth.min()):.2f} - {float(depth.max()):.2f} m")
+    if writer is not None:
+        print(f"wrote class-aware COCO panoptic predictions ({writer.close()})")
+    print(f"wrote {args.task} pictures to {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import train
@@ -1169,8 +1232,16 @@ def main(argv: list[str] | None = None) -> int:
     args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
     if not args.image and not args.split:
         raise SystemExit("give --image IMG [IMG ...] or --split NAME")
+    if args.task in ("semantic", "depth") or train.checkpoint_stage(args.ckpt) == "multitask":
+        try:
+            multitask_images(args, device)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        return 0
     ckpt = train.load_checkpoint(args.ckpt, "2")
-    model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights).to(device)
+    with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
+        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights)
+    model = model.to(device)
     try:
         if args.task == "inpaint":
             inpaint_image(args, model, ckpt["config"], device)

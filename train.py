@@ -10,34 +10,55 @@ Stages
           (trains / reuses the image AE and the mask AE first); 'all' is an alias of 2
   cogen   PDM: the one-stream U-ViT co-generating image latents and category maps from captions
           (trains / reuses the image AE first)                                  [PDM Alg. 1]
+          --two-stream: a map stream beside the frozen image stream of a t2i run (trains / reuses
+          it first), or of U-ViT's released weights                            [PDM §2.5.2]
+  t2i     the image stream alone: U-ViT's text-to-image model on the captions   [U-ViT; PDM brief §4]
+  multitask  LDMSeg with learnable task embeddings: one UNet for instance, semantic and depth
+          latents (reuses stage 2's image AE and mask AE)                       [LDMSeg §6]
 
 Contents
   1. Configuration        TrainConfig (every flag), presets tiny / shapes / coco
   2. Run bookkeeping      devices, seeding, distributed set-up, logging, atomic checkpoints
   3. Optimisation         AdamW groups, warm-up + cosine LR, EMA
   4. The training loop    train(cfg, stage): one loop, every stage plugs in a `Stage` object
-  5. Stages               vae, 1, 2, cogen -- each a small class with build / loss / preview / finish;
-                          2 and cogen share the frozen image autoencoder and its latent cache
+  5. Stages               vae, 1, 2, cogen, t2i -- each a small class with build / loss / preview /
+                          finish; 2, cogen and t2i share the frozen image autoencoder and its latent
+                          cache, cogen and t2i the captions and vocabulary (CaptionStage);
+                          multitask is stage 2 with task embeddings (MultiTaskStage)
   6. Command line         python train.py --stage 1 [--preset shapes] ...
 
 Run
   python train.py --stage vae               # image autoencoder on Shapes (written on first use)
   python train.py --stage 1                 # mask autoencoder on Shapes
   python train.py --stage cogen             # PDM on Shapes captions (image AE trained first if missing)
+  python train.py --stage multitask         # multi-task LDMSeg (class-aware PQ, mIoU, depth at the end)
+  python train.py --stage cogen --two-stream                  # two-stream PDM (t2i run trained first if missing)
+  python train.py --stage cogen --two-stream --init-image-stream runs/shapes/t2i
+  python train.py --stage t2i --preset coco --image-vae SD --init-image-stream mscoco_uvit_small.pth
   torchrun --nproc_per_node=2 train.py ...  # DDP (NCCL on CUDA, gloo on CPU)
 
 Reproducibility
   Every random draw of step k (noise, timesteps, id remaps, point samples) comes from a generator
   seeded with (seed, rank, k), and the data order of epoch e from (seed, e). A checkpoint therefore
   only needs the step to resume: N steps straight equal N/2 + --resume + N/2, bit for bit on CPU.
+
+Faults (the full table with the test of each: docs/faults.md)
+  SIGINT / SIGTERM save a checkpoint and exit with 128 + the signal number. Checkpoints are written
+  to a temporary file, fsynced and renamed, so a crash or a full disk leaves the previous one intact;
+  a periodic checkpoint that cannot be written is logged and retried at the next. A step whose loss
+  or gradient norm is not finite never reaches AdamW: training stops (--skip-nonfinite N: skips up to
+  N such steps). A bad data file stops training naming it (--skip-bad-samples: replaced, counted).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -61,7 +82,7 @@ import data
 @dataclass
 class TrainConfig:
     """Every training flag; `python train.py --help` lists them with their defaults."""
-    stage: str = "1"                 # which stage to train: vae | 1 | 2 | all (= 2 and what it needs) | cogen (PDM)
+    stage: str = "1"                 # which stage to train: vae | 1 | 2 | all (= 2 and what it needs) | cogen (PDM) | t2i (PDM's image stream) | multitask (LDMSeg §6)
     preset: str = "shapes"           # model / data sizes: tiny | shapes | coco
     data: str = "data/shapes"        # COCO-format panoptic folder; Shapes is written there if missing
     out_dir: str = ""                # run folder; default runs/<preset>/<stage>
@@ -87,6 +108,8 @@ class TrainConfig:
     eval_images: int = 0             # val images for the end-of-run evaluation; 0 = the preset's (all; cogen: 100 on shapes)
     resume: str = ""                 # checkpoint (or run folder) to continue from
     stop_after: int = 0              # end this invocation after N steps with a checkpoint (0 = run to max-steps)
+    skip_bad_samples: bool = False   # replace a missing / unreadable / inconsistent training sample by the next good one, counted in the log (off: stop, naming the file)
+    skip_nonfinite: int = 0          # skip up to N steps whose loss or gradient norm is inf / NaN (no update), counted in the log, then stop (0: stop at the first)
     num_train: int = 4000            # Shapes images written when --data does not exist
     num_val: int = 200               # Shapes val images written when --data does not exist
     image_vae: str = ""              # image autoencoder: a run / checkpoint of --stage vae, or Stable Diffusion weights (.ckpt, .safetensors, diffusers folder); default: train / reuse runs/<preset>/vae
@@ -95,6 +118,8 @@ class TrainConfig:
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
+    two_stream: bool = False         # cogen: the two-stream PDM, a trained map stream beside the frozen image stream of a --stage t2i run  [PDM §2.5.2]
+    init_image_stream: str = ""      # cogen --two-stream: the image stream, a --stage t2i run or U-ViT's released weights (mscoco_uvit_small.pth); default: train / reuse runs/<preset>/t2i. --stage t2i: start from such a file
 
 
 # Per (preset, stage) values for the fields left at 0 above. Shapes numbers are sized so each stage
@@ -110,9 +135,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                "1":   dict(image_size=512, max_steps=66_000, batch_size=16, lr=1e-4, grad_clip=3.0)},  # PAPER: LDMSeg AE
 }
 PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=3, eval_dpm_steps=2)
-PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=1500, batch_size=16, lr=5e-4, eval_steps=50, eval_dpm_steps=20)
+PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=1500, batch_size=16, lr=1e-3, eval_steps=50, eval_dpm_steps=20)
 PRESETS["coco"]["2"] = dict(image_size=512, max_steps=200_000, batch_size=32, lr=1e-4,   # PAPER: x 8 GPUs = 256
                             eval_steps=50, eval_dpm_steps=20)
+# Multi-task LDMSeg (LDMSeg §6): stage 2's recipe. Each sample trains one of three tasks, so shapes
+# runs 3 x stage 2's steps for each task to see as many samples as stage 2 saw (not measured).
+# coco: the paper's budget is unknown; COCO has no depth maps and its category ids need an 8-bit mask AE.
+PRESETS["tiny"]["multitask"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=3)
+PRESETS["shapes"]["multitask"] = dict(image_size=128, max_steps=4500, batch_size=16, lr=1e-3, eval_steps=50)
+PRESETS["coco"]["multitask"] = dict(image_size=512, max_steps=200_000, batch_size=32, lr=1e-4, eval_steps=50)
 # PDM (cogen). The image size fixes the latent side the U-ViT is built for (image_size / 8).
 PRESETS["tiny"]["cogen"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_dpm_steps=2,
                                 eval_images=4, min_word_count=1)
@@ -127,6 +158,18 @@ PRESETS["shapes"]["cogen"] = dict(image_size=128, max_steps=1500, batch_size=16,
 PRESETS["coco"]["cogen"] = dict(image_size=256, max_steps=2_000_000, batch_size=64, lr=2e-4, weight_decay=0.03,
                                 adam_beta2=0.9, warmup_steps=5000, min_lr_ratio=1.0, ema_decay=0.9999,
                                 eval_dpm_steps=50, min_word_count=5)
+# The image stream alone (--stage t2i), what the two-stream PDM freezes: tiny and shapes as cogen.
+# --stage cogen --two-stream uses the cogen presets above.
+PRESETS["tiny"]["t2i"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_images=4, min_word_count=1)
+PRESETS["shapes"]["t2i"] = dict(image_size=128, max_steps=1500, batch_size=16, lr=1e-3, warmup_steps=100,
+                                eval_images=100, min_word_count=1)
+# PAPER: U-ViT-S/2's MS-COCO recipe (U-ViT's configs/mscoco_uvit.py, released as mscoco_uvit_small.pth,
+# PDM's pretrained image stream [PDM brief §4.3]): 256^2 images, AdamW 2e-4, wd 0.03, betas (0.9, 0.9),
+# 5k warm-up then a constant rate, batch 256 in all, 1M steps, EMA 0.9999, captions dropped with p 0.1.
+# --init-image-stream mscoco_uvit_small.pth replaces this training (T2IStage).
+PRESETS["coco"]["t2i"] = dict(image_size=256, max_steps=1_000_000, batch_size=32, lr=2e-4,   # PAPER: x 8 GPUs = 256
+                              weight_decay=0.03, adam_beta2=0.9, warmup_steps=5000, min_lr_ratio=1.0,
+                              ema_decay=0.9999, min_word_count=5)
 # Values of the fields whose flag default is -1 ("the preset's") when a preset does not set them.
 PRESET_DEFAULTS: dict[str, Any] = dict(crop=0, grad_clip=1.0,                                  # PAPER: LDMSeg clip 1.0
                                        weight_decay=0.05, adam_beta2=0.999, warmup_steps=200,   # PAPER: LDMSeg
@@ -142,12 +185,20 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"unknown --preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     if cfg.stage not in PRESETS[cfg.preset]:
         raise SystemExit(f"unknown --stage {cfg.stage!r}; choose from {sorted(PRESETS[cfg.preset])}")
+    if cfg.two_stream and cfg.stage != "cogen":
+        raise SystemExit("--two-stream belongs to --stage cogen")
+    if cfg.init_image_stream and not (cfg.stage == "t2i" or cfg.two_stream):
+        raise SystemExit("--init-image-stream needs --stage cogen --two-stream or --stage t2i")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
     unset = lambda k: getattr(cfg, k) == (-1 if k in PRESET_DEFAULTS else type(getattr(cfg, k))())
     out = dataclasses.replace(cfg, **{k: v for k, v in values.items() if unset(k)})
+    if out.crop > out.image_size:              # every image is resized to image_size before the crop
+        raise SystemExit(f"--crop {out.crop} is larger than --image-size {out.image_size}")
     if not out.out_dir:
-        out.out_dir = str(Path("runs") / out.preset / f"stage{out.stage}" if out.stage.isdigit()
-                          else Path("runs") / out.preset / out.stage)
+        name = f"stage{out.stage}" if out.stage.isdigit() else out.stage
+        # Variants get folders of their own, so prerequisite() never reuses the other kind of run.
+        name += "_two_stream" if out.two_stream else "_uvit" if out.init_image_stream else ""
+        out.out_dir = str(Path("runs") / out.preset / name)
     return out
 
 
@@ -229,15 +280,53 @@ class Logger:
 CKPT_FORMAT = "ldmseg-pdm-checkpoint/1"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, no permission, ...); the message names the path."""
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write a checkpoint atomically: temporary file, fsync, rename. A crash leaves the old one intact."""
+    """Write a checkpoint atomically: temporary file, fsync, rename. A crash leaves the old one intact.
+
+    The old file is only ever replaced by a complete, flushed new one (os.replace is atomic); a write
+    that fails (e.g. a full disk) removes the partial temporary file and raises CheckpointWriteError.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": CKPT_FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CKPT_FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())                  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException as exc:                  # also a KeyboardInterrupt mid-write: no half file left
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointWriteError(_write_failure(path, exc)) from exc
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_failure(path: Path, exc: OSError) -> str:
+    """'ckpt.pt: checkpoint not written (No space left on device; 0 MiB free on runs/x); the previous one is kept'"""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason += f"; {shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free on {path.parent}"
+    kept = "the previous checkpoint is kept" if path.exists() else "there is no previous checkpoint"
+    return f"{path}: checkpoint not written ({reason}); {kept}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX: sync the folder's entries). Best effort: some file systems refuse."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -259,9 +348,37 @@ def load_checkpoint(path: str | os.PathLike, stage: str | None = None) -> dict:
         raise SystemExit(f"{p}: not a loadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise SystemExit(f"{p}: not a checkpoint of this project (no '{CKPT_FORMAT}' format tag)")
-    if stage is not None and ckpt["stage"] != stage:
-        raise SystemExit(f"{p}: a stage-{ckpt['stage']} checkpoint, but stage {stage} is needed here")
+    if stage is not None and ckpt.get("stage") != stage:
+        raise SystemExit(f"{p}: a stage-{ckpt.get('stage')} checkpoint, but stage {stage} is needed here")
     return ckpt
+
+
+def checkpoint_stage(path: str | os.PathLike) -> str | None:
+    """The stage a checkpoint was trained by, read without loading its tensors (map_location='meta');
+    None when `path` is not a readable checkpoint of this project (load_checkpoint then says why)."""
+    try:
+        ckpt = torch.load(find_checkpoint(path), map_location="meta", weights_only=True)
+    except (Exception, SystemExit):
+        return None
+    return ckpt.get("stage") if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT else None
+
+
+@contextlib.contextmanager
+def weights_must_fit(source, what: str = "the model its config describes"):
+    """Turn a checkpoint whose weights do not fit the model into one clear SystemExit naming `source`.
+
+    with train.weights_must_fit(args.ckpt):
+        model = ldmseg.load_ldmseg(ckpt)
+    load_state_dict raises RuntimeError (missing / unexpected / mis-shaped tensors), a config
+    dataclass TypeError (a field it does not know), a lookup KeyError (an entry the file lacks).
+    Wrap only the load: a RuntimeError from elsewhere (e.g. out of memory) must not be renamed.
+    """
+    try:
+        yield
+    except (RuntimeError, TypeError, KeyError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:400]
+        raise SystemExit(f"{source}: the weights do not fit {what} (a damaged or edited file, or one "
+                         f"from another configuration or version): {type(exc).__name__}: {detail}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -270,14 +387,16 @@ def load_checkpoint(path: str | os.PathLike, stage: str | None = None) -> dict:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; norms, biases and embeddings' 1-d parameters get no weight decay.
+    """AdamW; norms, biases and embeddings' 1-d parameters get no weight decay, nor LDMSeg's task embeddings.
 
-    PAPER: LDMSeg uses AdamW 1e-4, wd 0.05 with wd 0 on norm layers [LDMSeg brief §3.4].
+    PAPER: LDMSeg uses AdamW 1e-4, wd 0.05 with wd 0 on norm layers [LDMSeg brief §3.4], and its
+    optimizer exempts the learnable cross-attention embedding as well [LDMSeg brief §6, optim.py].
     The fused kernel on CUDA, the multi-tensor (foreach) one on CPU.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = lambda n, p: p.ndim < 2 or n.startswith("task_embedding.")
+    decay = [p for n, p in named if not exempt(n, p)]
+    no_decay = [p for n, p in named if exempt(n, p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), **kwargs)
@@ -405,10 +524,12 @@ def batch_stream(ds: data.PanopticDataset, cfg: TrainConfig, dist: Dist, device:
 
 
 class StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits
+    with status 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), the shell's convention."""
 
     def __init__(self):
         self.stop = False
+        self.signum = signal.SIGINT                           # the signal received, once stop is set
         self.old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -417,7 +538,7 @@ class StopFlag:
                 pass
 
     def _handle(self, signum, frame):
-        self.stop = True
+        self.stop, self.signum = True, signal.Signals(signum)
 
     def restore(self):
         for sig, h in self.old.items():
@@ -455,13 +576,18 @@ def train(cfg: TrainConfig) -> dict:
     stage = STAGES[cfg.stage](cfg, device, log)
     model = stage.build().to(device)
     train_ds, val_ds = stage.datasets()
+    train_ds.skip_bad = cfg.skip_bad_samples           # val stays strict: evaluation names a bad file
     opt = make_optimizer(model, cfg, device)
+    # After build(): pretrained weights (a two-stream PDM's image stream and its copy) are already in,
+    # so the EMA starts from them -- PDM's code copies its EMA before loading them [PDM brief §8.8].
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     start = _maybe_resume(cfg, model, opt, ema, log)
     if dist.main:
         data.write_json(run_dir / "config.json", {"train": dataclasses.asdict(cfg), "model": stage.model_config()})
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"stage {cfg.stage} | preset {cfg.preset} | {n_params / 1e6:.3f} M parameters | device {device} | "
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"stage {cfg.stage} | preset {cfg.preset} | {n_params / 1e6:.3f} M parameters "
+        f"({n_train / 1e6:.3f} M trained) | device {device} | "
         f"{len(train_ds)} train / {len(val_ds)} val images | batch {cfg.batch_size} x {dist.world} | "
         f"steps {start} -> {cfg.max_steps}")
     step = _loop(cfg, stage, model, opt, ema, train_ds, device, dist, run_dir, log, start)
@@ -475,16 +601,47 @@ def _maybe_resume(cfg, model, opt, ema, log) -> int:
     if not cfg.resume:
         return 0
     ckpt = load_checkpoint(cfg.resume, cfg.stage)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if ema is not None and ckpt.get("ema") is not None:
-        ema.shadow = {k: ckpt["ema"][k].float().to(v.device) for k, v in ema.shadow.items()}
+    old = ckpt.get("config") or {}
+    differ = [f"--{k.replace('_', '-')} {old[k]} there, {getattr(cfg, k)} here"
+              for k in ("preset", "image_size") if k in old and old[k] != getattr(cfg, k)]
+    with weights_must_fit(cfg.resume, "this run's model" + (f" ({'; '.join(differ)})" if differ else "")):
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.shadow = {k: ckpt["ema"][k].float().to(v.device) for k, v in ema.shadow.items()}
     log(f"resumed from {cfg.resume} at step {ckpt['step']}")
     return int(ckpt["step"])
 
 
+class NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient norm is inf / NaN, caught before AdamW: the weights are untouched."""
+
+
+def _check_finite(terms: dict, model: nn.Module, dist: Dist, step: int) -> None:
+    """The numerical guard before optimizer.step: raise NonFiniteStep (gradients cleared) on inf / NaN.
+
+    Costs one host-device sync per step. bf16 autocast needs no loss scaling: bf16 keeps fp32's 8-bit
+    exponent (largest value ~3.4e38, where fp16 stops at 65504) and the weights and gradients stay
+    fp32, so overflow is as rare as in fp32 and this check is the whole guard. Under DDP the flag is
+    all-reduced, so every rank skips or stops together.
+    """
+    norm = terms.get("grad_norm")
+    if norm is None:                                      # --grad-clip 0: the norm only for the check
+        grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    values = torch.stack([terms["loss"].detach().float(), norm.detach().float()])
+    bad = (~torch.isfinite(values)).float()
+    if dist.world > 1:
+        import torch.distributed as tdist
+        tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+    if bad.any():
+        model.zero_grad(set_to_none=True)
+        loss, norm = values.tolist()
+        raise NonFiniteStep(f"step {step + 1:06d}: non-finite loss ({loss:.4g}) or gradient norm ({norm:.4g})")
+
+
 def _train_step(cfg, stage, model, fwd, opt, ema, batch, step, dist, amp) -> dict[str, torch.Tensor]:
-    """One optimisation step: forward under autocast, backward, clip, AdamW, EMA."""
+    """One optimisation step: forward under autocast, backward, clip, the non-finite guard, AdamW, EMA."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     gen = step_generator(cfg.seed, dist.rank, step, batch["image"].device)
@@ -493,11 +650,89 @@ def _train_step(cfg, stage, model, fwd, opt, ema, batch, step, dist, amp) -> dic
     terms["loss"].backward()
     if cfg.grad_clip:
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+    _check_finite(terms, model, dist, step)               # before AdamW and the EMA see a NaN
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ema is not None:
         ema.update(model, step)
     return {k: v.detach() for k, v in terms.items()}
+
+
+def _kept_checkpoint(run_dir: Path) -> str:
+    """'runs/x/ckpt.pt (step 200)' or 'no checkpoint in runs/x yet': what a stopped run leaves to resume."""
+    p = Path(run_dir) / "ckpt.pt"
+    try:
+        return f"{p} (step {torch.load(p, map_location='meta', weights_only=True)['step']})"
+    except Exception:                                     # absent or unreadable: either way nothing to resume
+        return f"no checkpoint in {run_dir} yet"
+
+
+class FaultLog:
+    """What training recovered from, counted per invocation and appended to every log line.
+
+    bad samples skipped       items replaced under --skip-bad-samples (data.PanopticDataset.skip_bad)
+    segments dropped          segments over the model's id capacity made void (data.cap_segments)
+    non-finite steps skipped  steps left out under --skip-nonfinite
+    Counts come from this rank's batches (rank 0 logs); a resumed run starts from 0.
+    """
+
+    def __init__(self, log: Logger):
+        self.log, self.seen = log, set()
+        self.counts = {"bad samples skipped": 0, "segments dropped": 0, "non-finite steps skipped": 0}
+
+    def note_batch(self, batch: dict) -> None:
+        """Count what the dataset reported for this batch; log each bad file the first time it is skipped."""
+        for msg in (m for ms in batch.get("skipped", ()) for m in ms):
+            self.counts["bad samples skipped"] += 1
+            if msg not in self.seen:
+                self.seen.add(msg)
+                self.log(f"--skip-bad-samples: {msg}; replaced by the next good item")
+        dropped = sum(batch.get("dropped_segments", ()))
+        if dropped and not self.counts["segments dropped"]:
+            self.log("images with more segments than the model's id capacity: the smallest segments are "
+                     "made void (data.cap_segments), counted in the log lines")
+        self.counts["segments dropped"] += dropped
+
+    def nonfinite(self, exc: NonFiniteStep, budget: int, run_dir: Path) -> None:
+        """Count a skipped step; past --skip-nonfinite stop (SystemExit), keeping the last good checkpoint."""
+        self.counts["non-finite steps skipped"] += 1
+        n = self.counts["non-finite steps skipped"]
+        if n <= budget:
+            self.log(f"{exc}: step skipped, no update ({n} of --skip-nonfinite {budget})")
+            return
+        msg = (f"{exc}: stopping; the weights were not updated by it. Kept: {_kept_checkpoint(run_dir)}. "
+               f"Try a lower --lr, --dtype fp32, or --skip-nonfinite N to skip up to N such steps")
+        self.log(msg)
+        raise SystemExit(msg)
+
+    def suffix(self) -> str:
+        """' | 2 bad samples skipped, 1 non-finite steps skipped' -- empty while nothing happened."""
+        parts = [f"{n} {name}" for name, n in self.counts.items() if n]
+        return " | " + ", ".join(parts) if parts else ""
+
+
+def _bad_sample(exc: data.PanopticFormatError, step: int, run_dir: Path, log: Logger) -> data.PanopticFormatError:
+    """The error that stops training at a bad file (--skip-bad-samples off), logged, with what to do.
+
+    A DataLoader worker's error arrives with the worker's traceback in its text: keep its last line.
+    """
+    text = str(exc).strip().splitlines()[-1].split("PanopticFormatError: ", 1)[-1]
+    msg = (f"{text}\nstopped before step {step + 1}; kept: {_kept_checkpoint(run_dir)}. Fix or remove the "
+           f"file and --resume {run_dir}, or pass --skip-bad-samples to replace bad samples (counted in the log)")
+    log(msg)
+    return data.PanopticFormatError(msg)
+
+
+def _save_or_warn(cfg, stage, model, opt, ema, step, run_dir, log) -> None:
+    """A periodic checkpoint; one that cannot be written (e.g. a full disk) is logged and training goes on.
+
+    Safe because save_checkpoint leaves the previous checkpoint intact; the next periodic checkpoint
+    tries again. The final, --stop-after and signal checkpoints are not optional: they stop the run.
+    """
+    try:
+        _save(cfg, stage, model, opt, ema, step, run_dir)
+    except CheckpointWriteError as exc:
+        log(f"{exc}; training continues and tries again at step {min(step + cfg.ckpt_every, cfg.max_steps)}")
 
 
 def _loop(cfg, stage, model, opt, ema, train_ds, device, dist, run_dir, log, start) -> int:
@@ -508,34 +743,41 @@ def _loop(cfg, stage, model, opt, ema, train_ds, device, dist, run_dir, log, sta
     amp = autocast_dtype(cfg, device)
     stream = batch_stream(train_ds, cfg, dist, device, start)
     stopper, t0, sums, count, step = StopFlag(), time.time(), {}, 0, start
-    preview_batch = None
+    preview_batch, faults = None, FaultLog(log)
     try:
         for step in range(start, cfg.max_steps):
-            batch = next(stream)
+            try:
+                batch = next(stream)
+            except data.PanopticFormatError as exc:           # --skip-bad-samples off: stop, naming the file
+                if dist.main and step > start:
+                    _save(cfg, stage, model, opt, ema, step, run_dir)
+                raise _bad_sample(exc, step, run_dir, log) from None
+            faults.note_batch(batch)
             preview_batch = preview_batch or {k: (v[:4] if isinstance(v, torch.Tensor) else v[:4]) for k, v in batch.items()}
-            terms = _train_step(cfg, stage, model, fwd, opt, ema, batch, step, dist, amp)
+            try:
+                terms = _train_step(cfg, stage, model, fwd, opt, ema, batch, step, dist, amp)
+            except NonFiniteStep as exc:
+                faults.nonfinite(exc, cfg.skip_nonfinite, run_dir)    # SystemExit past --skip-nonfinite
+                terms = {}
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.float()
-            count += 1
+            count += bool(terms)
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
+            if count and (done % cfg.log_every == 0 or done == cfg.max_steps):
                 avg = {k: (v / count).item() for k, v in sums.items()}
-                if not math.isfinite(avg["loss"]):
-                    raise FloatingPointError(f"non-finite loss at step {done}; the last good checkpoint "
-                                             f"in {run_dir} is kept. Try a lower --lr or --dtype fp32.")
                 its = (done - start) / (time.time() - t0)
-                log(log_line(done, avg, lr_at(step, cfg), its, (cfg.max_steps - done) / max(its, 1e-9)))
+                log(log_line(done, avg, lr_at(step, cfg), its, (cfg.max_steps - done) / max(its, 1e-9)) + faults.suffix())
                 sums, count = {}, 0
             if dist.main and cfg.preview_every and done % cfg.preview_every == 0:
                 _preview(stage, model, ema, preview_batch, run_dir / f"preview_{done:06d}.png")
             if dist.main and done % cfg.ckpt_every == 0 and done < cfg.max_steps:
-                _save(cfg, stage, model, opt, ema, done, run_dir)
+                _save_or_warn(cfg, stage, model, opt, ema, done, run_dir, log)
             step = done
             if stopper.stop:
-                log(f"stopped by signal at step {done}; saving a checkpoint (resume with --resume {run_dir})")
+                log(f"stopped by {stopper.signum.name} at step {done}; saving a checkpoint (resume with --resume {run_dir})")
                 if dist.main:
                     _save(cfg, stage, model, opt, ema, done, run_dir)
-                raise SystemExit(130)
+                raise SystemExit(128 + stopper.signum)
             if cfg.stop_after and done - start >= cfg.stop_after and done < cfg.max_steps:
                 log(f"--stop-after {cfg.stop_after}: stopping at step {done} (continue with --resume {run_dir})")
                 if dist.main:
@@ -721,13 +963,17 @@ def segment_miou(gt: torch.Tensor, pred: torch.Tensor) -> float:
                           for k in ids]))
 
 
-def prerequisite(cfg: TrainConfig, stage: str, path: str, log: Logger) -> dict:
-    """The checkpoint of an earlier stage: `path` if given, else runs/<preset>/<stage>, trained now if missing."""
+def prerequisite(cfg: TrainConfig, stage: str, path: str, log: Logger, carry: tuple[str, ...] = ()) -> dict:
+    """The checkpoint of an earlier stage: `path` if given, else runs/<preset>/<stage>, trained now if missing.
+
+    carry: more fields of `cfg` the earlier run must share (t2i: the image autoencoder, image size).
+    """
     if path:
         return load_checkpoint(path, stage)
     sub = TrainConfig(stage=stage, preset=cfg.preset, data=cfg.data, seed=cfg.seed, device=cfg.device,
                       dtype=cfg.dtype, compile=cfg.compile, num_workers=cfg.num_workers,
                       num_train=cfg.num_train, num_val=cfg.num_val)
+    sub = dataclasses.replace(sub, **{k: getattr(cfg, k) for k in carry})
     run = Path(resolve(sub).out_dir)
     if not (run / "ckpt.pt").exists() or not load_checkpoint(run, stage).get("metrics"):
         log(f"no finished stage-{stage} run in {run}: training it first")
@@ -808,8 +1054,7 @@ class LDMSegStage(LatentStage):
         import ldmseg
         image_cfg, image_state = self.image_autoencoder()
         mae = prerequisite(self.cfg, "1", self.cfg.mask_ae, self.log)
-        self.mcfg = dataclasses.replace(ldmseg.LDMSegConfig.preset(self.cfg.preset),
-                                        mask_ae=mae["model_config"], image_ae=image_cfg)
+        self.mcfg = dataclasses.replace(self.base_config(), mask_ae=mae["model_config"], image_ae=image_cfg)
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
         self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen
@@ -817,6 +1062,11 @@ class LDMSegStage(LatentStage):
             frozen = ldmseg.init_ldmseg_unet_from_sd(self.net, ldmseg.load_weights(self.cfg.init_unet, component="unet"))
             self.log(f"UNet initialised from {self.cfg.init_unet}; frozen: {', '.join(frozen)}")
         return self.net
+
+    def base_config(self) -> "ldmseg.LDMSegConfig":
+        """The preset's model config, before the trained autoencoders' configs are put in."""
+        import ldmseg
+        return ldmseg.LDMSegConfig.preset(self.cfg.preset)
 
     def max_segments(self) -> int:
         return 2 ** self.mcfg.mask_ae.num_bits - 1
@@ -850,16 +1100,77 @@ class LDMSegStage(LatentStage):
         return out
 
 
-class CogenStage(LatentStage):
-    """PDM: co-generation of image latents and category maps from captions.  [PDM Alg. 1; brief §2, §6]
+class MultiTaskStage(LDMSegStage):
+    """Multi-task LDMSeg: one UNet for instance, semantic and depth latents, told apart by learnable
+    task embeddings.  [LDMSeg §6; ldmseg.py §10]
 
-    The U-ViT trains on (image latent, category-map bits, caption tokens). The frozen image
-    autoencoder (a --stage vae run, or SD's VAE with PDM's scale) encodes the images and decodes
-    the samples; it travels in the checkpoint with the dataset's categories, and the word
-    vocabulary travels in the model config, so `cogen.load_pdm(ckpt)` and `cogen.load_image_ae(ckpt)`
-    need nothing but the checkpoint.
+    Stage 2 with another model config (ldmseg.multitask_config: the tasks, cross-attention), other
+    targets (each sample's task drawn by ldmseg.sample_tasks) and another evaluation; the image AE,
+    the mask AE, the latent cache and the build are stage 2's. The dataset's categories travel in the
+    checkpoint: the merge rule and class-aware PQ need to know which are things.
     """
-    name = "cogen"
+    name = "multitask"
+
+    def base_config(self) -> "ldmseg.LDMSegConfig":
+        import ldmseg
+        return ldmseg.multitask_config(self.cfg.preset)
+
+    def datasets(self) -> tuple[data.PanopticDataset, data.PanopticDataset]:
+        """Stage 2's datasets, checked for what the tasks need: depth maps, category ids the mask AE holds."""
+        train_ds, val_ds = super().datasets()
+        top = 2 ** self.mcfg.mask_ae.num_bits - 1
+        if max(train_ds.categories) > top:
+            raise SystemExit(f"{self.cfg.data}: category ids reach {max(train_ds.categories)}, but the semantic task "
+                             f"encodes them with the {self.mcfg.mask_ae.num_bits}-bit mask autoencoder (ids <= {top})")
+        if "depth" in self.mcfg.tasks and (train_ds.files.depth_dir is None or val_ds.files.depth_dir is None):
+            raise SystemExit(f"{self.cfg.data}: the depth task needs depth maps (a depth/<split>/ folder of "
+                             f"uint16 millimetre PNGs, as Shapes has)")
+        self.categories = list(train_ds.categories.values())
+        return train_ds, val_ds
+
+    def checkpoint_extras(self) -> dict:
+        return {"categories": self.categories}
+
+    def loss(self, model, batch, generator):
+        import ldmseg
+        targets = {k: batch.get(k) for k in ("segments", "category", "depth")}
+        return ldmseg.multitask_loss(model, self.net, self.image_latents(batch).float(), targets, generator)
+
+    def preview(self, model, batch) -> np.ndarray:
+        """Rows: image | semantic truth | semantic | instance | class-aware merge | depth truth | depth
+        (DDIM 20, fixed generator)."""
+        import ldmseg
+        out = ldmseg.predict_tasks(model, batch["image"], steps=20, generator=torch.Generator().manual_seed(0))
+        rows = []
+        for k, x in enumerate(batch["image"]):
+            merged, _ = ldmseg.merge_panoptic(out["instance"][k], out["semantic"][k], self.categories)
+            depths = [ldmseg.depth_picture(d, self.mcfg.depth_range).numpy()
+                      for d in (batch["depth"][k], out["depth"][k])]
+            rows.append([to_uint8(x), data.colorize(batch["category"][k]), data.colorize(out["semantic"][k]),
+                         data.colorize(out["instance"][k]), data.colorize(merged), *depths])
+        return grid(rows)
+
+    def finish(self, model, val, run_dir) -> dict:
+        """On val (DDIM eval_steps): class-aware PQ (All / Things / Stuff) of the merged maps,
+        class-agnostic PQ of the instance task, semantic mIoU, depth AbsRel / RMSE / delta < 1.25."""
+        import evaluate
+        return evaluate.evaluate_multitask(model, val, self.categories, steps=self.cfg.eval_steps,
+                                           batch_size=self.cfg.batch_size, limit=self.cfg.eval_images,
+                                           device=self.device, pictures=run_dir / f"val_ddim{self.cfg.eval_steps}")
+
+
+class CaptionStage(LatentStage):
+    """What PDM's trainings share (CogenStage, T2IStage): captioned images, the word vocabulary, a
+    U-ViT rebuilt from its saved config on --resume.  [PDM brief §2]
+
+    The frozen image autoencoder (a --stage vae run, or SD's VAE with PDM's scale) encodes the
+    images and decodes the samples; it travels in the checkpoint with the dataset's categories, and
+    the word vocabulary travels in the model config, so `cogen.load_pdm(ckpt)` and
+    `cogen.load_image_ae(ckpt)` need nothing but the checkpoint. Subclasses set `arch` (the
+    PDMConfig.arch they train) and build a fresh network in `fresh_network()`.
+    """
+    arch = ""
+    resumed: dict | None = None          # the checkpoint of --resume, once build() has read it
     # PAPER: U-ViT's MS-COCO scale for SD's VAE latents (1 / their std on COCO) [PDM brief §2.2,
     # U-ViT issue #17]; SD itself uses 0.18215.
     sd_scale = 0.23010
@@ -878,19 +1189,30 @@ class CogenStage(LatentStage):
         return self._datasets
 
     def build(self) -> nn.Module:
-        """Image AE and vocabulary (from the run resumed, else fresh), then the PDM sized to both."""
+        """The network: fresh_network(), or on --resume the run's own (image AE, config; the loop
+        then loads its weights) -- no prerequisite is read again."""
         import cogen
-        import ldmseg
-        resumed = load_checkpoint(self.cfg.resume, "cogen") if self.cfg.resume else None
-        ae_cfg, ae_state = ((resumed["image_ae"]["config"], resumed["image_ae"]["weights"]) if resumed
-                            else self.image_autoencoder())
-        self.image_ae = ldmseg.ImageAutoencoder(ldmseg.ImageAEConfig(**ae_cfg)).requires_grad_(False)
-        self.image_ae.load_state_dict(ae_state)
-        self.image_ae.eval().to(self.device)
-        vocab = resumed["model_config"]["vocab"] if resumed else self.vocabulary()
-        self.mcfg = self.pdm_config(vocab)
+        if not self.cfg.resume:
+            self.net = self.fresh_network()
+            return self.net
+        self.resumed = load_checkpoint(self.cfg.resume, self.cfg.stage)
+        self.set_image_ae(self.resumed["image_ae"]["config"], self.resumed["image_ae"]["weights"])
+        self.mcfg = cogen.PDMConfig(**self.resumed["model_config"])
+        if self.mcfg.arch != self.arch:
+            raise SystemExit(f"--resume {self.cfg.resume}: a {self.mcfg.arch} run, but these flags train "
+                             f"a {self.arch} model (--two-stream or not?)")
         self.net = cogen.build_model(self.mcfg)
         return self.net
+
+    def fresh_network(self) -> nn.Module:
+        raise NotImplementedError
+
+    def set_image_ae(self, config: dict, weights: dict) -> None:
+        """The frozen image autoencoder, in eval mode on the training device."""
+        import ldmseg
+        self.image_ae = ldmseg.ImageAutoencoder(ldmseg.ImageAEConfig(**config)).requires_grad_(False)
+        self.image_ae.load_state_dict(weights)
+        self.image_ae.eval().to(self.device)
 
     def vocabulary(self) -> list[str]:
         """WordTokenizer.build over every training caption (words seen < min_word_count -> <unk>)."""
@@ -931,12 +1253,78 @@ class CogenStage(LatentStage):
         """images (B, 3, H, W) -> posterior moments (B, 2C, h, w), unscaled: the loss samples from them."""
         return torch.cat(self.image_ae.encode(images), dim=1)
 
-    def loss(self, model, batch, generator):
-        import cogen
+    def x0_image(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The batch's scaled image latents x_0 (B, C, h, w).
+
+        PAPER: a fresh posterior sample every step, x_0 = s (mu + sigma eps) [PDM brief §2.2].
+        """
         import ldmseg
         mean, logvar = ldmseg.split_moments(self.image_latents(batch))       # 2 x (B, C, h, w)
-        # PAPER: a fresh posterior sample every step, x_0 = s (mu + sigma eps) [PDM brief §2.2].
-        x0_image = self.image_ae.config.scale_factor * ldmseg.sample_gaussian(mean, logvar, generator)
+        return self.image_ae.config.scale_factor * ldmseg.sample_gaussian(mean, logvar, generator)
+
+
+# The PDMConfig fields that shape the image stream (T2IUViT): a two-stream PDM takes them from its
+# --stage t2i run; the rest (maps, losses, sampling) come from its own preset.
+IMAGE_STREAM_FIELDS = ("latent_size", "latent_channels", "patch_size", "dim", "depth", "num_heads", "mlp_ratio",
+                       "qkv_bias", "text_encoder", "context_dim", "num_text_tokens", "vocab", "text_layers",
+                       "text_heads", "schedule", "num_train_steps", "time_offset")
+
+
+class CogenStage(CaptionStage):
+    """PDM: co-generation of image latents and category maps from captions.  [PDM Alg. 1; brief §2, §6]
+
+    One-stream (default): the U-ViT trains from scratch on (image latent, category-map bits,
+    caption tokens). --two-stream [PDM §2.5.2; brief §4]: cogen.two_stream_from_t2i on a --stage t2i
+    run -- its EMA weights, its image AE and its vocabulary (the image stream's text encoder is
+    frozen with the rest of it); only the map stream and the zero-convolutions train, so the
+    optimiser and the EMA see only those (cogen.py §5). `train` builds the EMA after build() has
+    returned the loaded model: it starts from the pretrained-derived weights [brief §8.8].
+    """
+    name = "cogen"
+
+    @property
+    def arch(self) -> str:
+        return "two_stream" if self.cfg.two_stream else "one_stream"
+
+    def fresh_network(self) -> nn.Module:
+        """One-stream: the image AE (trained first if missing), the vocabulary, a PDM sized to both."""
+        import cogen
+        if self.cfg.two_stream:
+            return self.two_stream_network()
+        self.set_image_ae(*self.image_autoencoder())
+        self.mcfg = self.pdm_config(self.vocabulary())
+        return cogen.build_model(self.mcfg)
+
+    def two_stream_network(self) -> nn.Module:
+        """The two-stream PDM on the image stream of a t2i run, with that run's image AE and vocabulary."""
+        import cogen
+        t2i = self.image_stream_run()
+        self.set_image_ae(t2i["image_ae"]["config"], t2i["image_ae"]["weights"])
+        image = cogen.PDMConfig(**t2i["model_config"])
+        ours = self.pdm_config(list(image.vocab))                              # this run's data and maps
+        if (ours.latent_size, ours.latent_channels) != (image.latent_size, image.latent_channels):
+            raise SystemExit(f"the image stream reads {image.latent_channels} x {image.latent_size}^2 latents, but "
+                             f"--image-size {self.cfg.image_size} gives {ours.latent_channels} x {ours.latent_size}^2")
+        config = dataclasses.replace(ours, **{f: getattr(image, f) for f in IMAGE_STREAM_FIELDS})
+        net = cogen.two_stream_from_t2i(t2i["ema"] or t2i["model"], config)
+        self.mcfg = net.config
+        self.log(f"two-stream PDM on the image stream of {self.image_stream_source} (EMA weights, frozen); "
+                 f"map stream: a {self.mcfg.map_stream_init} of its blocks")
+        return net
+
+    def image_stream_run(self) -> dict:
+        """The --stage t2i checkpoint: --init-image-stream RUN; for U-ViT's weights file, the t2i run
+        that learns a caption encoder for it (T2IStage); else runs/<preset>/t2i, trained if missing.
+        The t2i run shares this run's image autoencoder and image size."""
+        src = self.cfg.init_image_stream
+        from_file = bool(src) and not _is_run(src)
+        carry = ("image_vae", "image_size", "min_word_count") + (("init_image_stream",) if from_file else ())
+        self.image_stream_source = src if src and not from_file else "the --stage t2i run"
+        return prerequisite(self.cfg, "t2i", "" if from_file else src, self.log, carry)
+
+    def loss(self, model, batch, generator):
+        import cogen
+        x0_image = self.x0_image(batch, generator)                            # (B, C, h, w)
         m0_bits = cogen.encode_map(batch["category"], self.mcfg, batch["segments"], generator)   # (B, K, H_m, W_m)
         text = self.net.tokenize(batch["caption"])                           # (B, L)
         return cogen.pdm_loss(model, x0_image, m0_bits, text, self.net.schedule, self.mcfg, generator)
@@ -965,8 +1353,106 @@ class CogenStage(LatentStage):
         return {k: v for k, v in res.items() if isinstance(v, (int, float))}   # per-category detail: evaluate.py
 
 
+class T2IStage(CaptionStage):
+    """The image stream alone: U-ViT's text-to-image model (cogen.T2IUViT) on the captions, the
+    network --stage cogen --two-stream freezes and controls.  [U-ViT; PDM brief §4.1, §4.3]
+
+    --init-image-stream FILE starts from U-ViT's released weights instead (mscoco_uvit_small.pth,
+    PDM's pretrained image stream), read by cogen.uvit_to_t2i_state_dict: every U-ViT weight stays
+    frozen and only a words encoder trains, in front of U-ViT's context_embed.
+    DEVIATION: U-ViT reads frozen CLIP ViT-L/14 features of the caption [PDM brief §2.3]; nothing is
+    downloaded here, so the words encoder learns to stand in for CLIP.
+    """
+    name = "t2i"
+    arch = "t2i"
+    EVAL_T = (100, 500, 900)             # the fixed timesteps of finish()'s eps-MSE: low, middle, high noise
+
+    def build(self) -> nn.Module:
+        """CaptionStage.build; a run from U-ViT's file (this one, or the one resumed) trains only
+        its text encoder, so the optimiser and the EMA see only that."""
+        net = super().build()
+        run_cfg = self.resumed["config"] if self.resumed else dataclasses.asdict(self.cfg)
+        if run_cfg.get("init_image_stream"):                                  # U-ViT's weights: frozen
+            net.requires_grad_(False)
+            net.text_encoder.requires_grad_(True)
+        return net
+
+    def fresh_network(self) -> nn.Module:
+        """The image AE (trained first if missing), the vocabulary, a T2IUViT sized to both."""
+        import cogen
+        self.set_image_ae(*self.image_autoencoder())
+        self.mcfg = dataclasses.replace(self.pdm_config(self.vocabulary()), arch="t2i")
+        if not self.cfg.init_image_stream:
+            return cogen.build_model(self.mcfg)
+        # U-ViT's time token embeds n = t + 1 [cogen.py §9].
+        self.mcfg = dataclasses.replace(self.mcfg, time_offset=1)
+        return self.uvit_network(self.cfg.init_image_stream)
+
+    def uvit_network(self, path: str) -> nn.Module:
+        """A words-mode T2IUViT holding U-ViT's weights from `path`; only its text encoder is new."""
+        import cogen
+        if _is_run(path):
+            raise SystemExit(f"--init-image-stream {path}: a run of this project; --stage t2i starts from U-ViT's "
+                             f"weights file (continue a run with --resume)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise SystemExit(f"--init-image-stream {path}: not a loadable state dict "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        if not isinstance(state, dict):
+            raise SystemExit(f"--init-image-stream {path}: holds a {type(state).__name__}, not U-ViT's state dict")
+        try:                                   # U-ViT's layout is context mode: D_txt = the words encoder's width
+            context = dataclasses.replace(self.mcfg, text_encoder="context", vocab=())
+            state = cogen.uvit_to_t2i_state_dict(state, context)
+        except ValueError as exc:
+            raise SystemExit(f"--init-image-stream {path}: {exc}\n(the coco preset is U-ViT-S/2 at "
+                             f"--image-size 256)") from None
+        state.pop("empty_text")                # words mode: "" is the <empty> token, not stored features
+        net = cogen.build_model(self.mcfg)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("text_encoder.") for k in missing), (missing, unexpected)
+        self.log(f"image stream: U-ViT's weights from {path} (frozen); a words encoder trains in front of them")
+        return net
+
+    def loss(self, model, batch, generator):
+        import cogen
+        x0_image = self.x0_image(batch, generator)                            # (B, C, h, w)
+        text = self.net.tokenize(batch["caption"])                           # (B, L)
+        return cogen.t2i_loss(model, x0_image, text, self.net.schedule, self.mcfg, generator)
+
+    def preview(self, model, batch) -> np.ndarray:
+        """Rows, one per caption of the (fixed) preview batch: its image | the image generated for it (seed 0)."""
+        import cogen
+        x0_image = cogen.generate_images(model, list(batch["caption"]), generator=torch.Generator().manual_seed(0))
+        images = cogen.decode_images(self.image_ae, x0_image)                # (B, 3, H, W)
+        return grid([[to_uint8(x), to_uint8(g)] for x, g in zip(batch["image"], images)])
+
+    def finish(self, model, val, run_dir) -> dict:
+        """The eps-MSE on the first eval_images val images at t in EVAL_T, with their captions and with
+        "" -- a cheap check that the model denoises and reads its captions (samples: the previews).
+        Deterministic: x_0 is the posterior mean and the noise comes from a generator seeded 0."""
+        import ldmseg
+        g, n = torch.Generator().manual_seed(0), 0
+        sums = {f"eps_mse_t{t}": 0.0 for t in self.EVAL_T} | {"eps_mse_empty": 0.0}
+        for b in val_batches(val, self.cfg.batch_size, self.cfg.eval_images):
+            mean, _ = ldmseg.split_moments(self.encode_image(b["image"].to(self.device)))
+            x0_image, text = self.image_ae.config.scale_factor * mean, model.tokenize(b["caption"])
+            B, empty = len(x0_image), torch.ones(len(x0_image), dtype=torch.bool, device=self.device)
+            for t in self.EVAL_T:
+                eps = torch.randn(x0_image.shape, generator=g).to(self.device)
+                steps = torch.full((B,), t, device=self.device)
+                x_t = model.schedule.q_sample(x0_image, steps, eps)
+                sq_err = lambda drop: (model(x_t, steps, text, drop_text=drop).float() - eps).pow(2).mean().item() * B
+                sums[f"eps_mse_t{t}"] += sq_err(None)
+                sums["eps_mse_empty"] += sq_err(empty) / len(self.EVAL_T)
+            n += B
+        out = {k: v / n for k, v in sums.items()}
+        out["eps_mse"] = sum(out[f"eps_mse_t{t}"] for t in self.EVAL_T) / len(self.EVAL_T)
+        return out
+
+
 STAGES: dict[str, type[Stage]] = {"vae": ImageAEStage, "1": MaskAEStage, "2": LDMSegStage,
-                                 "cogen": CogenStage}
+                                 "cogen": CogenStage, "t2i": T2IStage, "multitask": MultiTaskStage}
 
 
 # -----------------------------------------------------------------------------
@@ -1004,7 +1490,10 @@ def _field_comments(cls) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return train(cfg)
+    try:
+        return train(cfg)
+    except (data.PanopticFormatError, CheckpointWriteError) as exc:   # bad data, full disk: the message, no traceback
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests of mask inpainting (ldmseg.py §10, sample.py --task inpaint, evaluate.py --task inpaint)."""
+"""Tests of mask inpainting (ldmseg.py §11, sample.py --task inpaint, evaluate.py --task inpaint)."""
 import numpy as np
 import pytest
 import torch

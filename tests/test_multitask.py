@@ -1,0 +1,228 @@
+"""Tests of multi-task LDMSeg (ldmseg.py §10, train.py --stage multitask, sample.py --task semantic | depth,
+evaluate.py on a multi-task checkpoint): task embeddings, task latents, the merge rule, depth encoding."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+import ldmseg
+import sample
+
+CATEGORIES = data.shapes_categories()          # things 1..5 (circle ... hexagon), stuff 6..9 (sky ... sand)
+
+
+@pytest.fixture(scope="module")
+def tiny_multitask():
+    torch.manual_seed(0)
+    return ldmseg.LDMSeg(ldmseg.multitask_config("tiny"))
+
+
+# ----------------------------------------------------------------------------- task embeddings
+
+def test_multitask_model_has_one_embedding_per_task_and_refuses_a_missing_task(tiny_multitask):
+    m = tiny_multitask
+    assert m.config.tasks == ("instance", "semantic", "depth")
+    assert m.task_embedding.weight.shape == (3 * m.config.task_tokens, m.config.unet.context_dim)
+    z, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    assert m(z, t, z, None, torch.tensor([0, 2])).shape == (2, 4, 4, 4)
+    with pytest.raises(ValueError, match="needs task"):
+        m(z, t, z)
+    single = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="no tasks"):
+        single(z, t, z, None, torch.tensor([0, 0]))
+
+
+def test_task_embedding_steers_one_input_to_each_tasks_target():
+    """Two rows with the same z_t, t and image but different tasks, trained towards opposite clean
+    latents: whatever separates their predictions can only have come through the task embedding."""
+    torch.manual_seed(0)
+    model = ldmseg.LDMSeg(dataclasses.replace(ldmseg.multitask_config("tiny"), tasks=("instance", "semantic")))
+    z_t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    t, task, z_image = torch.tensor([600, 600]), torch.tensor([0, 1]), torch.zeros(2, 4, 4, 4)
+    target = torch.tensor([0.8, -0.8]).view(2, 1, 1, 1)                # task 0: +0.8, task 1: -0.8
+
+    def x0_pred():
+        return sample.predict_x0_from_eps(z_t, t, model(z_t, t, z_image, None, task), model.schedule)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=6e-3)
+    for _ in range(12):
+        opt.zero_grad()
+        (x0_pred() - target).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        means = x0_pred().mean(dim=(1, 2, 3))
+    assert means[0] > 0.4 and means[1] < -0.4                          # at initialisation both ~0.3
+
+
+# ----------------------------------------------------------------------------- task latents
+
+def test_task_sampling_is_uniform_and_reproducible(tiny_multitask):
+    cfg = tiny_multitask.config
+    a = ldmseg.sample_tasks(3000, cfg, torch.Generator().manual_seed(1))
+    b = ldmseg.sample_tasks(3000, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.dtype == torch.int64
+    counts = torch.bincount(a, minlength=3).float() / 3000
+    assert torch.allclose(counts, torch.full((3,), 1 / 3), atol=0.03)
+
+
+def test_task_latents_use_each_samples_own_target(tiny_multitask):
+    m = tiny_multitask.eval()
+    g = torch.Generator().manual_seed(0)
+    segments = torch.randint(0, 4, (3, 32, 32), generator=g)
+    category = torch.randint(0, 10, (3, 32, 32), generator=g)
+    depth = torch.rand(3, 32, 32, generator=g) * 50 + 1
+    depth[2, :8, :8] = 0                                                    # one unknown latent cell
+    task = torch.tensor([2, 1, 2])
+    z0, valid = ldmseg.task_latents(m, task, dict(segments=segments, category=category, depth=depth), g)
+    assert torch.allclose(z0[1], m.encode_ids(category[1:2])[0])
+    z_depth, v_depth = ldmseg.encode_depth(depth[[0, 2]], 8, m.config.depth_range, 4)
+    assert torch.allclose(z0[[0, 2]], z_depth * m.config.signal_scale)
+    assert valid[2, 0, 0, 0] == 0 and valid[2].sum() == 15 and valid[0].sum() == 16
+
+
+# ----------------------------------------------------------------------------- depth encoding
+
+def test_depth_round_trips_through_the_direct_encoding():
+    rng = (1.0, 64.0)
+    flat = torch.full((1, 32, 32), 7.5)
+    z, valid = ldmseg.encode_depth(flat, 8, rng, 4)
+    assert z.shape == (1, 4, 4, 4) and bool(valid.all())
+    assert torch.allclose(ldmseg.decode_depth(z, rng, (32, 32)), flat, rtol=1e-5)
+    # A map linear in log depth is recovered exactly away from the border half-cell (bilinear
+    # interpolation of cell means is exact for a linear function).
+    x = torch.arange(32, dtype=torch.float64)
+    ramp = torch.exp(math.log(2.0) + x / 31 * math.log(20.0)).float().expand(1, 32, 32)
+    back = ldmseg.decode_depth(ldmseg.encode_depth(ramp, 8, rng, 4)[0], rng, (32, 32))
+    assert torch.allclose(back[..., 4:28], ramp[..., 4:28], rtol=1e-4)
+    # Out-of-range depths are clamped; unknown pixels (0) are left out of their cell's mean.
+    assert ldmseg.decode_depth(ldmseg.encode_depth(torch.full((1, 8, 8), 500.0), 8, rng, 4)[0], rng, (8, 8)).max() == pytest.approx(64.0)
+    half = torch.full((1, 8, 8), 4.0)
+    half[:, :4] = 0
+    z, valid = ldmseg.encode_depth(half, 8, rng, 4)
+    assert valid.item() == 1 and ldmseg.decode_depth(z, rng, (8, 8)).mean().item() == pytest.approx(4.0, rel=1e-5)
+    assert ldmseg.encode_depth(torch.zeros(1, 8, 8), 8, rng, 4)[1].item() == 0
+
+
+# ----------------------------------------------------------------------------- merge rule
+
+def _maps():
+    """A hand-made 6 x 6 image: instance ids and a semantic map (categories as in Shapes)."""
+    instance = torch.tensor([[1, 1, 1, 2, 2, 0],
+                             [1, 1, 1, 2, 2, 0],
+                             [3, 3, 3, 4, 4, 4],
+                             [3, 3, 3, 4, 4, 4],
+                             [5, 5, 5, 6, 6, 6],
+                             [5, 5, 5, 6, 6, 6]])
+    semantic = torch.tensor([[1, 1, 2, 1, 1, 7],
+                             [1, 1, 2, 1, 1, 7],
+                             [6, 6, 6, 6, 6, 6],
+                             [6, 6, 7, 6, 6, 6],
+                             [0, 0, 0, 13, 13, 2],
+                             [0, 0, 0, 13, 13, 3]])
+    return instance, semantic
+
+
+def test_merge_gives_each_thing_segment_its_majority_category_and_keeps_things_apart():
+    ids, info = ldmseg.merge_panoptic(*_maps(), CATEGORIES)
+    cat = {s["id"]: s["category_id"] for s in info}
+    seg1, seg2 = ids[0, 0].item(), ids[0, 3].item()
+    assert cat[seg1] == 1 and cat[seg2] == 1 and seg1 != seg2          # 4 of 6 pixels circle; two circles
+    assert (ids[:2, :3] == seg1).all()                                  # the minority square pixels follow
+
+
+def test_merge_makes_one_segment_per_stuff_category():
+    ids, info = ldmseg.merge_panoptic(*_maps(), CATEGORIES)
+    sky = [s for s in info if s["category_id"] == 6]
+    assert len(sky) == 1 and sky[0]["isthing"] == 0
+    assert (ids[2:4] == sky[0]["id"]).all()                             # instances 3 and 4 merged
+
+
+def test_merge_keeps_void_and_ignores_void_and_unknown_votes():
+    ids, info = ldmseg.merge_panoptic(*_maps(), CATEGORIES)
+    assert (ids[:2, 5] == 0).all()                                      # instance void stays void (semantic 7)
+    assert (ids[4:, :3] == 0).all()                                     # only void votes: void
+    seg6 = ids[4, 3].item()                                             # 13 names no category: 2 vs 3 tie
+    assert {s["id"]: s["category_id"] for s in info}[seg6] == 2         # -> the smallest id
+    assert sorted(s["id"] for s in info) == list(range(1, len(info) + 1))
+    data.check_annotation(ids.numpy(), info, "merged")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_semantic_miou_on_known_confusion():
+    gt = torch.tensor([[1, 1, 2, 2], [0, 0, 2, 2]])
+    pred = torch.tensor([[1, 2, 2, 2], [1, 1, 0, 2]])
+    conf = evaluate.semantic_confusion(gt, pred, 6)                     # ids 0..5
+    assert conf.sum() == 6                                              # ground-truth void ignored
+    # On the non-void ground truth: class 1 tp 1, gt 2, pred 1 -> 1/2; class 2 tp 3, gt 4, pred 4 -> 3/5.
+    iou1 = 1 / 2
+    iou2 = 3 / (4 + 4 - 3)
+    assert evaluate.miou_from_confusion(conf, [1, 2]) == pytest.approx((iou1 + iou2) / 2)
+    assert evaluate.miou_from_confusion(conf, [1, 2, 5]) == pytest.approx((iou1 + iou2) / 2)   # 5 never occurs
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def multitask_run(tiny_runs):
+    import train
+    root, shapes = tiny_runs
+    out = root / "mt"
+    train.main(["--stage", "multitask", "--preset", "tiny", "--data", str(shapes), "--out-dir", str(out),
+                "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "3",
+                "--log-every", "3", "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1")])
+    return root, shapes, out
+
+
+def test_train_multitask_reports_class_aware_pq_miou_and_depth(multitask_run):
+    import train
+    _, _, out = multitask_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"pq", "pq_things", "pq_stuff", "pq_agnostic", "miou", "abs_rel", "rmse", "delta1"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("pq", "pq_things", "pq_stuff", "miou", "delta1"))
+    ckpt = train.load_checkpoint(out, "multitask")
+    assert [c["id"] for c in ckpt["categories"]] == list(range(1, 10))
+    assert (out / "val_ddim3" / "grid.png").exists()
+
+
+def test_sample_cli_writes_each_tasks_maps(multitask_run, tmp_path):
+    _, shapes, out = multitask_run
+    img = sorted((shapes / "val").iterdir())[0]
+    for task in ("panoptic", "semantic", "depth"):
+        assert sample.main(["--task", task, "--ckpt", str(out), "--image", str(img), "--steps", "2",
+                            "--out-dir", str(tmp_path / task), "--device", "cpu"]) == 0
+    pred = json.loads((tmp_path / "panoptic" / "panoptic.json").read_text())
+    assert [c["id"] for c in pred["categories"]] == list(range(1, 10))
+    ids = data.read_panoptic_png(tmp_path / "panoptic" / "panoptic" / f"{img.stem}.png")
+    data.check_annotation(ids, pred["annotations"][0]["segments_info"], "prediction")
+    from PIL import Image
+    with Image.open(tmp_path / "semantic" / f"{img.stem}_semantic.png") as im:
+        assert np.asarray(im).max() <= 9
+    with Image.open(tmp_path / "depth" / f"{img.stem}_depth.png") as im:
+        depth_mm = np.asarray(im)
+    assert depth_mm.dtype == np.uint16 and depth_mm.min() >= 1000 and depth_mm.max() <= 64000
+    assert (tmp_path / "depth" / f"{img.stem}_depth_color.png").exists()
+
+
+def test_evaluate_cli_on_a_multitask_checkpoint_prints_every_metric(multitask_run, tmp_path, capsys):
+    _, shapes, out = multitask_run
+    assert evaluate.main(["--ckpt", str(out), "--steps", "2", "--out-dir", str(tmp_path), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "class-aware PQ" in text and "Things" in text and "Stuff" in text
+    assert "semantic mIoU" in text and "delta<1.25" in text
+    res = json.loads((tmp_path / "metrics.json").read_text())
+    again = evaluate.evaluate_files(str(shapes / "annotations" / "panoptic_val.json"), str(tmp_path / "panoptic.json"),
+                                    str(shapes / "annotations" / "panoptic_val"), str(tmp_path / "panoptic"))
+    assert again["All"]["pq"] == pytest.approx(res["pq"])
+
+
+def test_a_stage2_checkpoint_cannot_answer_the_depth_task(tiny_runs, tmp_path):
+    root, shapes = tiny_runs
+    img = sorted((shapes / "val").iterdir())[0]
+    with pytest.raises(SystemExit, match="stage multitask is needed"):
+        sample.main(["--task", "depth", "--ckpt", str(root / "s2"), "--image", str(img), "--steps", "2",
+                     "--out-dir", str(tmp_path), "--device", "cpu"])
