@@ -681,6 +681,16 @@ def _original_size_dataset(ds: data.PanopticDataset) -> data.PanopticDataset:
     return data.PanopticDataset(ds.files, size=None, train=False, resize_mode=ds.resize_mode)
 
 
+def _image_latent_batches(model, ds: data.PanopticDataset, batch_size: int, n: int, device=None):
+    """Yield (z_image (B, 4, h, w) of model-size images, their items at original size) over ds[:n]."""
+    device = device or next(model.parameters()).device
+    full = _original_size_dataset(ds)
+    for lo in range(0, n, batch_size):
+        idx = range(lo, min(lo + batch_size, n))
+        images = torch.stack([ds[i]["image"] for i in idx]).to(device)
+        yield model.encode_image(images), [full[i] for i in idx]
+
+
 @torch.no_grad()
 def evaluate_segmentation(model, ds: data.PanopticDataset, *, sampler: str = "ddim", steps: int = 50,
                           batch_size: int = 16, limit: int = 0, device=None, seed: int = 0,
@@ -693,17 +703,12 @@ def evaluate_segmentation(model, ds: data.PanopticDataset, *, sampler: str = "dd
     The initial noise of every batch comes from one generator seeded with `seed`.
     """
     import ldmseg
-    device = device or next(model.parameters()).device
-    full = _original_size_dataset(ds)
     acc, rows = PQAccumulator(None, class_agnostic=True), []
     gen = torch.Generator().manual_seed(seed)
     n = len(ds) if not limit else min(limit, len(ds))
-    for lo in range(0, n, batch_size):
-        idx = list(range(lo, min(lo + batch_size, n)))
-        images = torch.stack([ds[i]["image"] for i in idx]).to(device)
-        z0 = ldmseg.sample_latent(model, model.encode_image(images), sampler=sampler, steps=steps, generator=gen)
-        for k, i in enumerate(idx):
-            gt = full[i]
+    for z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
+        z0 = ldmseg.sample_latent(model, z_image, sampler=sampler, steps=steps, generator=gen)
+        for k, gt in enumerate(gts):
             pred = ldmseg.decode_panoptic(model, z0[k:k + 1], tuple(gt["segments"].shape))[0].cpu()
             acc.add(gt["segments"], gt["segments_info"], pred, data.make_segments_info(pred.numpy()))
             if writer is not None:
@@ -927,17 +932,12 @@ def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dic
     writer: receives the class-aware merged maps; pictures: a grid of the first 8 images.
     """
     import ldmseg
-    device = device or next(model.parameters()).device
-    full = _original_size_dataset(ds)
     scores, rows = MultiTaskScores(categories), []
     gen = torch.Generator().manual_seed(seed)
     n = len(ds) if not limit else min(limit, len(ds))
-    for lo in range(0, n, batch_size):
-        idx = list(range(lo, min(lo + batch_size, n)))
-        images = torch.stack([ds[i]["image"] for i in idx]).to(device)
-        z0 = ldmseg.sample_tasks_latents(model, model.encode_image(images), sampler=sampler, steps=steps, generator=gen)
-        for k, i in enumerate(idx):
-            gt = full[i]
+    for z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
+        z0 = ldmseg.sample_tasks_latents(model, z_image, sampler=sampler, steps=steps, generator=gen)
+        for k, gt in enumerate(gts):
             size = tuple(gt["segments"].shape)
             pred = {name: ldmseg.decode_task(model, name, z[k:k + 1], size)[0].cpu() for name, z in z0.items()}
             merged, info = scores.add(gt, pred)
