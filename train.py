@@ -165,7 +165,7 @@ PRESETS["shapes"]["t2i"] = dict(image_size=128, max_steps=1500, batch_size=16, l
                                 eval_images=100, min_word_count=1)
 # PAPER: U-ViT-S/2's MS-COCO recipe (U-ViT's configs/mscoco_uvit.py, released as mscoco_uvit_small.pth,
 # PDM's pretrained image stream [PDM brief §4.3]): 256^2 images, AdamW 2e-4, wd 0.03, betas (0.9, 0.9),
-# 5k warm-up then a constant rate, batch 256 in all, 1M steps, EMA 0.9999, captions dropped with p 0.1.
+# a 5k-step warm-up then a constant rate, batch 256 in all, 1M steps, EMA 0.9999, captions dropped with p 0.1.
 # --init-image-stream mscoco_uvit_small.pth replaces this training (T2IStage).
 PRESETS["coco"]["t2i"] = dict(image_size=256, max_steps=1_000_000, batch_size=32, lr=2e-4,   # PAPER: x 8 GPUs = 256
                               weight_decay=0.03, adam_beta2=0.9, warmup_steps=5000, min_lr_ratio=1.0,
