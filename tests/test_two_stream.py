@@ -12,14 +12,7 @@ import torch
 
 import cogen
 
-CAPTIONS = ["two red circles and an orange square on grass under a sky",
-            "a blue hexagon on water", "three white triangles, a green diamond and a purple circle on sand"]
-
-
-def tiny_config(**overrides) -> cogen.PDMConfig:
-    cfg = cogen.PDMConfig.preset("tiny")
-    vocab = cogen.WordTokenizer.build(CAPTIONS, cfg.num_text_tokens).vocab
-    return dataclasses.replace(cfg, vocab=tuple(vocab), **overrides)
+from test_cogen import CAPTIONS, tiny_config                  # the tiny PDM config and its captions
 
 
 def random_inputs(cfg: cogen.PDMConfig, B: int = 3, seed: int = 0):
