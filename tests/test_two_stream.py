@@ -12,15 +12,7 @@ import torch
 
 import cogen
 
-from test_cogen import CAPTIONS, tiny_config                  # the tiny PDM config and its captions
-
-
-def random_inputs(cfg: cogen.PDMConfig, B: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x_t = torch.randn(B, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g)
-    m_t = 2 * torch.randn(B, cfg.num_map_bits, cfg.map_size, cfg.map_size, generator=g)
-    t = torch.randint(0, cfg.num_train_steps, (B,), generator=g)
-    return x_t, m_t, t
+from test_cogen import CAPTIONS, random_inputs, tiny_config   # the tiny PDM config, captions, inputs
 
 
 def latents(cfg: cogen.PDMConfig, B: int = 4, seed: int = 0) -> torch.Tensor:

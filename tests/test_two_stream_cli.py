@@ -11,12 +11,14 @@ from PIL import Image
 import cogen
 import sample
 import train
+from test_cogen_cli import _train_args
 
 
 def _args(root, shapes, stage, out, *extra):
-    return ["--stage", stage, "--preset", "tiny", "--data", str(shapes), "--out-dir", str(out),
-            "--image-vae", str(root / "vae"), "--num-workers", "0", "--log-every", "2", "--preview-every", "0",
-            "--device", "cpu", *extra]
+    """test_cogen_cli's tiny-run arguments with the stage swapped."""
+    args = _train_args(root, shapes, out, *extra)
+    args[args.index("--stage") + 1] = stage
+    return args
 
 
 @pytest.fixture(scope="module")
