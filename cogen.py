@@ -36,7 +36,7 @@ Contents (`grep -n '^# [0-9]' cogen.py`)
                                DDIM on the (image eps, map x0) pair; given-map mode  [brief §6.4-6.5];
                                generate_images() for the image stream alone
   8. Evaluation helpers        caption_counts (Shapes captions), connected_components (4-connected,
-                               vectorised), components per category
+                               vectorised), components per category, segments per category
   9. Building and loading      build_model(config), load_pdm(checkpoint), load_image_ae(checkpoint),
                                decode_images (latents -> RGB through the checkpoint's image AE);
                                uvit_to_t2i_state_dict: U-ViT's released t2i weights
@@ -1108,7 +1108,9 @@ def _run_sampler(model: nn.Module, denoise: Callable, x_T, *, sampler: Optional[
 # -----------------------------------------------------------------------------
 # Does a generated map hold what the caption asks for? Shapes captions name how many things of
 # each (colour, kind) an image holds; a generated category map gives, per kind, its connected
-# components. Both are plain functions so evaluate.py can count, compare and report.
+# components -- or, for a panoptic map (config.panoptic), its segments: the distinct (category,
+# instance id) pairs, so touching things of one kind still count as two. All are plain functions
+# so evaluate.py can count, compare and report.
 
 _COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
                 "seven": 7, "eight": 8}                 # the number words data._caption writes
@@ -1179,6 +1181,19 @@ def component_counts(category: Tensor, min_area: int = 1) -> dict[int, int]:
     # Every pixel of a component has the component's category: any one write per label will do.
     cat_of = torch.zeros_like(sizes).scatter_(0, labels, category.reshape(-1))   # (n + 1,)
     kept = cat_of[1:][sizes[1:] >= min_area]
+    return {int(k): int(n) for k, n in zip(*torch.unique(kept, return_counts=True))}
+
+
+def instance_counts(category: Tensor, instance: Tensor, min_area: int = 1) -> dict[int, int]:
+    """Segments of at least `min_area` pixels per category id of a panoptic map: (H, W) x 2 -> {id: n}.
+
+    A segment is one (category, instance id) pair, wherever its pixels lie (an occluded thing in two
+    pieces is one); instance id 0 (void instance bits) and category 0 form none.
+    """
+    pairs = torch.stack([torch.as_tensor(category).long().reshape(-1),
+                         torch.as_tensor(instance).long().reshape(-1)])              # (2, H W)
+    pairs, sizes = torch.unique(pairs, dim=1, return_counts=True)                     # (2, S), (S,)
+    kept = pairs[0][(pairs[0] > 0) & (pairs[1] > 0) & (sizes >= min_area)]
     return {int(k): int(n) for k, n in zip(*torch.unique(kept, return_counts=True))}
 
 

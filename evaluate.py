@@ -1313,11 +1313,13 @@ def fid_from_features(features_a: Tensor, features_b: Tensor) -> float:
 #     possible. Components ignore 4-connected specks smaller than 1/1024 of the map (1 px at
 #     Shapes' 32^2, 4 px at COCO's 64^2). Touching things of one kind merge into one component
 #     even in a perfect map, so the same score of the ground-truth maps is reported as its ceiling
-#     (0.78 on the Shapes val split at 32^2).
+#     (0.78 on the Shapes val split at 32^2). A panoptic PDM (config.panoptic, our extension) holds
+#     instances: there its segments -- distinct (category, instance id) pairs -- are counted, and the
+#     ground truth's, min-pooled as in training, give the ceiling.
 #   * image-map consistency -- does the image show the map? An LDMSeg stage-2 model segments the
 #     generated image; class-agnostic PQ (section 2) scores its segments against the generated map's
-#     connected components, upsampled nearest to the image (they are the reference, the
-#     segmentation the prediction). A DEVIATION of ours too: PDM shows consistency only in figures.
+#     connected components (a panoptic map's own segments), upsampled nearest to the image (they are
+#     the reference, the segmentation the prediction). A DEVIATION of ours too: PDM shows consistency only in figures.
 #   * FID (section 7) of the generated images against the val images whose captions were used.
 
 
@@ -1343,17 +1345,20 @@ def caption_category_counts(caption: str, names: dict[str, int]) -> dict[int, in
 
 
 def caption_matches(category_map: Tensor, caption: str, names: dict[str, int],
-                    min_area: int | None = None) -> list[tuple[int, int, int]]:
-    """[(category id, caption's count, the map's components)] for each thing category the caption names.
+                    min_area: int | None = None, instance_map: Tensor | None = None) -> list[tuple[int, int, int]]:
+    """[(category id, caption's count, the map's things)] for each thing category the caption names.
 
     category_map: (H_m, W_m) int64 category ids, 0 = void (any ids; invalid ones simply never match).
+    instance_map: (H_m, W_m) instance ids of a panoptic map: things are then its segments, else the
+    connected components of each category (section comment).
     """
     import cogen
     wanted = caption_category_counts(caption, names)
     if not wanted:
         return []
     min_area = default_min_area(tuple(category_map.shape)) if min_area is None else min_area
-    found = cogen.component_counts(category_map, min_area)
+    found = (cogen.component_counts(category_map, min_area) if instance_map is None
+             else cogen.instance_counts(category_map, instance_map, min_area))
     return [(cat, n, found.get(cat, 0)) for cat, n in sorted(wanted.items())]
 
 
@@ -1388,18 +1393,28 @@ def caption_agreement(maps, captions: Sequence[str], categories, min_area: int |
     return summarize_caption_matches(matches, names)
 
 
-def map_instances(category_map: Tensor, num_categories: int) -> Tensor:
-    """(H_m, W_m) category ids -> (H_m, W_m) int64 connected components 1..n; invalid ids become void."""
+def map_instances(category_map: Tensor, num_categories: int, instance_map: Tensor | None = None) -> Tensor:
+    """(H_m, W_m) category ids -> (H_m, W_m) int64 segments 1..n; invalid category ids become void.
+
+    The segments are the connected components of each category or, given a panoptic map's
+    instance ids, its distinct (category, instance id) pairs.
+    """
     import cogen
     category_map = torch.as_tensor(category_map).long()
     valid = (category_map > 0) & (category_map <= num_categories)
-    return cogen.connected_components(torch.where(valid, category_map, 0))
+    if instance_map is None:
+        return cogen.connected_components(torch.where(valid, category_map, 0))
+    instance_map = torch.as_tensor(instance_map).long()
+    key = category_map * (int(instance_map.max()) + 1) + instance_map
+    _, labels = torch.unique(torch.where(valid, key, -1), return_inverse=True)       # -1 (void) sorts first
+    return labels + 1 - int((~valid).any())                                          # void -> 0, segments 1..n
 
 
-def add_consistency(acc: PQAccumulator, category_map: Tensor, segmentation: Tensor, num_categories: int) -> None:
-    """Score one image: the map's components (upsampled nearest to segmentation's (H, W)) vs the segments."""
+def add_consistency(acc: PQAccumulator, category_map: Tensor, segmentation: Tensor, num_categories: int,
+                    instance_map: Tensor | None = None) -> None:
+    """Score one image: the map's segments (upsampled nearest to segmentation's (H, W)) vs the segments."""
     import cogen
-    instances = map_instances(category_map, num_categories)[None]                    # (1, H_m, W_m)
+    instances = map_instances(category_map, num_categories, instance_map)[None]      # (1, H_m, W_m)
     instances = cogen.nearest_resize_ids(instances, tuple(segmentation.shape))[0]     # -> (H, W)
     seg = segmentation.cpu()
     acc.add(instances, data.make_segments_info(instances.numpy()), seg, data.make_segments_info(seg.numpy()))
@@ -1449,20 +1464,30 @@ def _segment_generated(seg_model, images: Tensor, seg_size, steps: int, generato
     return ldmseg.segment(seg_model, x, sampler="ddim", steps=steps, generator=generator, size=(H, W)).cpu()
 
 
-def _score_maps(tally: CogenTally, items: list[dict], maps: Tensor, config, names: dict[str, int],
-                min_area: int | None) -> None:
-    """MCD against the min-pooled ground truth, and caption matches of generated and ground-truth maps."""
+def _score_maps(tally: CogenTally, items: list[dict], maps: Tensor, instances: Tensor | None, config,
+                names: dict[str, int], min_area: int | None) -> None:
+    """MCD against the min-pooled ground truth, and caption matches of generated and ground-truth maps.
+
+    maps, instances: (B, H_m, W_m) generated category and (panoptic PDM) instance ids, else None.
+    """
     import cogen
     category = torch.stack([it["category"] for it in items])                          # (B, H, W)
     gt_maps = cogen.pool_category_map(category, config.map_size, config.void_aware_pooling)  # -> (B, H_m, W_m)
     tally.mcd += mean_count_difference(maps, gt_maps, config.num_categories).tolist()
-    for it, generated, truth in zip(items, maps, gt_maps):
-        tally.matches += caption_matches(generated, it["caption"], names, min_area)
-        tally.gt_matches += caption_matches(truth, it["caption"], names, min_area)
+    gt_instances = [None] * len(items)
+    if instances is not None:                 # the ground truth's segments, pooled as cogen.encode_map pools
+        span = int(max(int(it["segments"].max()) for it in items)) + 1
+        segments = torch.stack([it["segments"] for it in items])                      # (B, H, W)
+        gt_instances = cogen.pool_category_map(category * span + segments, config.map_size,
+                                               config.void_aware_pooling) % span      # (B, H_m, W_m)
+    for k, it in enumerate(items):
+        inst = None if instances is None else instances[k]
+        tally.matches += caption_matches(maps[k], it["caption"], names, min_area, inst)
+        tally.gt_matches += caption_matches(gt_maps[k], it["caption"], names, min_area, gt_instances[k])
 
 
-def _score_images(tally: CogenTally, items: list[dict], images: Tensor, maps: Tensor, num_categories: int,
-                  seg_model, seg_size, seg_steps: int, seg_gen, inception) -> Tensor | None:
+def _score_images(tally: CogenTally, items: list[dict], images: Tensor, maps: Tensor, instances: Tensor | None,
+                  num_categories: int, seg_model, seg_size, seg_steps: int, seg_gen, inception) -> Tensor | None:
     """FID features of generated and val images; segmentation + consistency PQ. Returns the segments."""
     if inception is not None:
         tally.fake.append(inception_features(inception, images))
@@ -1470,8 +1495,8 @@ def _score_images(tally: CogenTally, items: list[dict], images: Tensor, maps: Te
     if seg_model is None:
         return None
     segments = _segment_generated(seg_model, images, seg_size, seg_steps, seg_gen)  # (B, H, W)
-    for category_map, seg in zip(maps, segments):
-        add_consistency(tally.consistency, category_map, seg, num_categories)
+    for k, seg in enumerate(segments):
+        add_consistency(tally.consistency, maps[k], seg, num_categories, None if instances is None else instances[k])
     return segments
 
 
@@ -1506,13 +1531,14 @@ def evaluate_cogen(model, ds: data.PanopticDataset, *, steps: int | None = None,
         items = [ds[i] for i in range(lo, min(lo + batch_size, n))]
         x0_image, m0_bits = cogen.generate(model, [it["caption"] for it in items], sampler=sampler, steps=steps,
                                            generator=gen)                     # (B, C, h, w), (B, K, H_m, W_m)
-        maps = cogen.decode_map(m0_bits, c)[0].cpu()                          # (B, H_m, W_m) category ids
-        _score_maps(tally, items, maps, c, names, min_area)
+        maps, instances = cogen.decode_map(m0_bits, c)                        # (B, H_m, W_m) ids (instances or None)
+        maps, instances = maps.cpu(), None if instances is None else instances.cpu()
+        _score_maps(tally, items, maps, instances, c, names, min_area)
         images = segments = None
         if image_ae is not None:
             images = cogen.decode_images(image_ae, x0_image).cpu()                  # (B, 3, H, W) in [-1, 1]
-            segments = _score_images(tally, items, images, maps, c.num_categories, seg_model, seg_size,
-                                     seg_steps, seg_gen, inception)
+            segments = _score_images(tally, items, images, maps, instances, c.num_categories, seg_model,
+                                     seg_size, seg_steps, seg_gen, inception)
         for k, it in enumerate(items[:max(0, 8 - len(tally.rows))] if pictures is not None else []):
             tally.rows.append(_cogen_picture_row(it, None if images is None else images[k], maps[k],
                                                  None if segments is None else segments[k]))

@@ -27,12 +27,12 @@ def shapes(tmp_path_factory):
     return data.shapes_dataset(root, "val", size=32), root
 
 
-def tiny_pdm(ds, seed: int = 0) -> cogen.OneStreamPDM:
+def tiny_pdm(ds, seed: int = 0, **overrides) -> cogen.OneStreamPDM:
     """The tiny PDM preset at 4^2 latents (32^2 images through a tiny f8 image AE; 8^2 maps)."""
     cfg = cogen.PDMConfig.preset("tiny")
     vocab = cogen.WordTokenizer.build([ds[i]["caption"] for i in range(len(ds))], cfg.num_text_tokens).vocab
     torch.manual_seed(seed)
-    return cogen.build_model(dataclasses.replace(cfg, latent_size=4, vocab=tuple(vocab))).eval()
+    return cogen.build_model(dataclasses.replace(cfg, latent_size=4, vocab=tuple(vocab), **overrides)).eval()
 
 
 def tiny_image_ae(seed: int = 0) -> ldmseg.ImageAutoencoder:
@@ -174,6 +174,28 @@ def test_caption_agreement_on_hand_made_maps():
     assert empty["pairs"] == 0 and empty["agreement"] is None
 
 
+def test_a_panoptic_map_counts_its_segments_where_components_merge_touching_things():
+    C, T, G = 1, 3, 7
+    category = torch.full((8, 8), G)
+    category[0:2, 0:4] = C                               # two circles that touch ...
+    category[4:6, 0:6] = T                               # one triangle, cut in two by a circle
+    category[4:6, 2:4] = C
+    instance = torch.zeros(8, 8, dtype=torch.long)
+    instance[0:2, 0:2], instance[0:2, 2:4] = 5, 9        # ... are two segments
+    instance[4:6, 0:6], instance[4:6, 2:4] = 3, 6        # the triangle's two pieces: one segment
+    caption, names = "two red circles, a red circle and a white triangle on grass", evaluate.thing_names(
+        data.shapes_categories())
+    assert evaluate.caption_matches(category, caption, names, 1) == [(C, 3, 2), (T, 1, 2)]
+    assert evaluate.caption_matches(category, caption, names, 1, instance) == [(C, 3, 3), (T, 1, 1)]
+    assert cogen.instance_counts(category, instance, min_area=5) == {T: 1}              # 4-px circles drop
+    assert cogen.instance_counts(category, torch.zeros_like(instance)) == {}           # no instance: no thing
+    segments = evaluate.map_instances(category, 9, instance)                          # no void here: 1..n
+    assert segments.min() == 1 and segments.unique().numel() == 5                      # 3 circles, triangle, grass
+    assert (segments[4:6, 0:2] == segments[4, 5]).all()                                # the two pieces: one segment
+    category[7, 7] = 15                                                                # an invalid id: void
+    assert evaluate.map_instances(category, 9, instance)[7, 7] == 0
+
+
 def test_consistency_pq_is_one_when_the_segments_are_the_maps_components():
     category = torch.tensor([[1, 1, 7, 7], [7, 7, 7, 2], [3, 7, 15, 2], [3, 7, 7, 7]])   # 15: an invalid id
     instances = evaluate.map_instances(category, num_categories=9)
@@ -202,13 +224,14 @@ class OracleMaps(torch.nn.Module):
         return torch.zeros_like(x_t), torch.stack([self.bits[tuple(row.tolist())] for row in text])
 
 
-@pytest.mark.parametrize("sampler", ["dpm++", "ddim"])
-def test_oracle_maps_have_zero_mcd_and_the_ground_truths_caption_agreement(shapes, sampler):
+@pytest.mark.parametrize("sampler,panoptic", [("dpm++", False), ("ddim", False), ("ddim", True)])
+def test_oracle_maps_have_zero_mcd_and_the_ground_truths_caption_agreement(shapes, sampler, panoptic):
     ds, _ = shapes
-    model = tiny_pdm(ds)
+    model = tiny_pdm(ds, panoptic=panoptic, instance_bits=4)
     items = [ds[i] for i in range(len(ds))]
     assert len({it["caption"] for it in items}) == len(items)
-    truth = {it["caption"]: cogen.encode_map(it["category"][None], model.config)[0] for it in items}
+    truth = {it["caption"]: cogen.encode_map(it["category"][None], model.config, it["segments"][None],
+                                             torch.Generator().manual_seed(k))[0] for k, it in enumerate(items)}
     oracle = OracleMaps(model, truth)
     res = evaluate.evaluate_cogen(oracle, ds, steps=3, sampler=sampler, batch_size=3)
     assert res["images"] == len(ds) and res["mcd"] == 0.0
