@@ -118,6 +118,8 @@ class TrainConfig:
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
+    patch_factor: int = 0            # cogen: Multi-Scale Patching f in {1, 2, 4} (map f x the latent side, map patch f x the image patch); 0 = the preset's (2)  [PDM Table 2]
+    panoptic_map: bool = False       # cogen: also co-generate instance bits beside the category bits, a true panoptic map (our extension, cogen.py §2)
     two_stream: bool = False         # cogen: the two-stream PDM, a trained map stream beside the frozen image stream of a --stage t2i run  [PDM §2.5.2]
     init_image_stream: str = ""      # cogen --two-stream: the image stream, a --stage t2i run or U-ViT's released weights (mscoco_uvit_small.pth); default: train / reuse runs/<preset>/t2i. --stage t2i: start from such a file
 
@@ -189,6 +191,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit("--two-stream belongs to --stage cogen")
     if cfg.init_image_stream and not (cfg.stage == "t2i" or cfg.two_stream):
         raise SystemExit("--init-image-stream needs --stage cogen --two-stream or --stage t2i")
+    if (cfg.patch_factor or cfg.panoptic_map) and cfg.stage != "cogen":
+        raise SystemExit("--patch-factor and --panoptic-map belong to --stage cogen")
+    if cfg.patch_factor not in (0, 1, 2, 4):
+        raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
     unset = lambda k: getattr(cfg, k) == (-1 if k in PRESET_DEFAULTS else type(getattr(cfg, k))())
     out = dataclasses.replace(cfg, **{k: v for k, v in values.items() if unset(k)})
@@ -198,6 +204,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         name = f"stage{out.stage}" if out.stage.isdigit() else out.stage
         # Variants get folders of their own, so prerequisite() never reuses the other kind of run.
         name += "_two_stream" if out.two_stream else "_uvit" if out.init_image_stream else ""
+        name += f"_f{out.patch_factor}" if out.patch_factor else ""
+        name += "_panoptic" if out.panoptic_map else ""
         out.out_dir = str(Path("runs") / out.preset / name)
     return out
 
@@ -1240,6 +1248,10 @@ class CaptionStage(LatentStage):
             raise SystemExit(f"category ids reach {top}; the {self.cfg.preset} PDM encodes 0..{base.num_categories}")
         # DEVIATION: PDM reads frozen CLIP ViT-L/14 token features; nothing is downloaded here, so the
         # trainer always learns the words encoder (coco: CLIP's 77 tokens and 768 width) [cogen.py §3].
+        if self.cfg.patch_factor:
+            base = dataclasses.replace(base, patch_factor=self.cfg.patch_factor)
+        if self.cfg.panoptic_map:
+            base = dataclasses.replace(base, panoptic=True)
         return dataclasses.replace(base, text_encoder="words", vocab=tuple(vocab),
                                    latent_size=self.cfg.image_size // factor, latent_channels=ae.latent_channels)
 

@@ -116,3 +116,17 @@ def test_cogen_resume_continues_bit_for_bit(tiny_runs, cogen_run, tmp_path):
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_patch_factor_and_panoptic_map_flags_reach_the_model(tiny_runs, tmp_path):
+    root, shapes = tiny_runs
+    metrics = train.main(_train_args(root, shapes, tmp_path / "f4p", "--max-steps", "1", "--patch-factor", "4",
+                                     "--panoptic-map"))
+    c = cogen.PDMConfig(**train.load_checkpoint(tmp_path / "f4p", "cogen")["model_config"])
+    assert c.patch_factor == 4 and c.map_size == 4 * c.latent_size and c.panoptic
+    assert 0.0 <= metrics["caption_agreement"] <= 1.0
+    assert train.resolve(train.TrainConfig(stage="cogen", patch_factor=1)).out_dir.endswith("cogen_f1")
+    with pytest.raises(SystemExit, match="must be 1, 2 or 4"):
+        train.resolve(train.TrainConfig(stage="cogen", patch_factor=3))
+    with pytest.raises(SystemExit, match="belong to --stage cogen"):
+        train.resolve(train.TrainConfig(stage="2", panoptic_map=True))
