@@ -1319,7 +1319,8 @@ def fid_from_features(features_a: Tensor, features_b: Tensor) -> float:
 #   * image-map consistency -- does the image show the map? An LDMSeg stage-2 model segments the
 #     generated image; class-agnostic PQ (section 2) scores its segments against the generated map's
 #     connected components (a panoptic map's own segments), upsampled nearest to the image (they are
-#     the reference, the segmentation the prediction). A DEVIATION of ours too: PDM shows consistency only in figures.
+#     the reference, the segmentation the prediction). A DEVIATION of ours too: PDM shows
+#     consistency only in figures.
 #   * FID (section 7) of the generated images against the val images whose captions were used.
 
 
@@ -1475,8 +1476,8 @@ def _score_maps(tally: CogenTally, items: list[dict], maps: Tensor, instances: T
     gt_maps = cogen.pool_category_map(category, config.map_size, config.void_aware_pooling)  # -> (B, H_m, W_m)
     tally.mcd += mean_count_difference(maps, gt_maps, config.num_categories).tolist()
     gt_instances = [None] * len(items)
-    if instances is not None:                 # the ground truth's segments, pooled as cogen.encode_map pools
-        span = int(max(int(it["segments"].max()) for it in items)) + 1
+    if instances is not None:     # the ground truth's segments: encode_map's min-pooling of (category, id) keys
+        span = max(int(it["segments"].max()) for it in items) + 1
         segments = torch.stack([it["segments"] for it in items])                      # (B, H, W)
         gt_instances = cogen.pool_category_map(category * span + segments, config.map_size,
                                                config.void_aware_pooling) % span      # (B, H_m, W_m)
