@@ -91,7 +91,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data import ids_to_bits, remap_ids
 from sample import (KnownRegion, NoiseSchedule, ddim_sample, ddpm_sample, dpm_solver_pp_sample,
-                    predict_x0_from_eps)
+                    to_x0_and_eps)
 
 
 def _as_tuples(config) -> None:
@@ -1150,6 +1150,16 @@ class UNet(nn.Module):
 # (min-SNR-gamma for eps-prediction, Hang et al. 2023; gamma = 2 [PAPER]), with latent cells whose
 # (nearest-downsampled) id is void masked out [LDMSeg brief §3.3].
 #
+# Written in x0 terms, that loss is min(SNR_t, gamma) * |x0_pred - x0|^2: below SNR = gamma (most
+# of the scaled-linear schedule, all of it once b < 1 lowers every SNR) the error of the clean
+# latent counts in proportion to SNR_t -- at t = 999 about 1/500 of what it counts at t = 50. Yet
+# the high-noise steps are where the sampler decides which segments exist: there z_t says almost
+# nothing and only the image can. A model trained from scratch for minutes learns those steps last.
+# `prediction="x0"` is the other choice: the UNet outputs x0 and the loss is |x0_pred - x0|^2 with
+# the same weight at every t -- the x0-parameterised, unweighted regression of Analog Bits (Chen et
+# al. 2023, Alg. 1) and of its panoptic use Pix2Seq-D (Chen et al. 2023, arXiv 2210.06366). The samplers
+# take either output (sample.to_x0_and_eps).
+#
 # Self-conditioning (Chen et al., "Analog Bits", §3.2). DEVIATION: the official code feeds the
 # self-condition on 100 % of training steps, so the all-zero self-condition that starts every
 # sampling run is never trained; we follow Analog Bits and feed it on 50 % of samples (zeros on the
@@ -1175,6 +1185,7 @@ class LDMSegConfig:
     schedule: str = "scaled_linear"                    # beta schedule  [PAPER: SD's scaled_linear 0.00085-0.012]
     num_train_steps: int = 1000                        # T  [PAPER]
     min_snr_gamma: float = 2.0                         # gamma of the loss weight min(SNR, gamma) / SNR  [PAPER: 2]
+    prediction: str = "eps"                            # the UNet's output: 'eps' (min-SNR weighted) or 'x0' (unweighted)  [PAPER: eps]
     self_condition: bool = True                        # feed x0_self as extra input channels  [PAPER]
     self_condition_prob: float = 0.5                   # share of training samples given x0_self  [DEVIATION: code 1.0]
     mask_th: float = 0.5                               # decoding: min softmax confidence of a pixel  [PAPER: 0.5]
@@ -1193,6 +1204,8 @@ class LDMSegConfig:
         self.image_ae = (ImageAEConfig(**self.image_ae) if isinstance(self.image_ae, dict)
                          else (self.image_ae or ImageAEConfig()))
         _as_tuples(self)                                                  # tasks, depth_range back from JSON lists
+        if self.prediction not in ("eps", "x0"):
+            raise ValueError(f"LDMSegConfig.prediction must be 'eps' or 'x0', got {self.prediction!r}")
 
     @classmethod
     def preset(cls, name: str) -> "LDMSegConfig":
@@ -1221,7 +1234,8 @@ def zero_init_new_inputs(conv_in: nn.Conv2d, keep: int) -> None:
 class LDMSeg(nn.Module):
     """UNet denoiser of panoptic latents conditioned on image latents, plus its frozen autoencoders.
 
-    forward(z_t, t, z_image, x0_self) -> eps_pred, all latents (B, 4, h, w), t (B,) int64.
+    forward(z_t, t, z_image, x0_self) -> the prediction (eps or x0, config.prediction), all latents
+    (B, 4, h, w), t (B,) int64.
     `self.mask_ae` and `self.image_ae` are frozen (requires_grad False): the checkpoint holds all three
     so that sampling needs nothing but the checkpoint.
     """
@@ -1254,7 +1268,7 @@ class LDMSeg(nn.Module):
 
     def forward(self, z_t: Tensor, t: Tensor, z_image: Tensor, x0_self: Tensor | None = None,
                 task: Tensor | None = None) -> Tensor:
-        """eps_pred (B, 4, h, w) from z_t, z_image (B, 4, h, w), optionally x0_self (zeros if None) and,
+        """The prediction (B, 4, h, w) from z_t, z_image (B, 4, h, w), optionally x0_self (zeros if None) and,
         for a multi-task model only, task (B,) int64: indices into config.tasks."""
         parts = [z_t, z_image]
         if self.config.self_condition:
@@ -1318,8 +1332,13 @@ def denoise(model: nn.Module, z_t: Tensor, t: Tensor, z_image: Tensor, x0_self: 
     return model(z_t, t, z_image, x0_self, task)
 
 
+def predict_x0(out: Tensor, prediction: str, z_t: Tensor, t: Tensor, schedule) -> Tensor:
+    """The UNet's output (eps or x0, as `prediction`) -> the clean-latent estimate x0 (B, 4, h, w)."""
+    return to_x0_and_eps(out.float(), prediction, z_t.float(), t, schedule)[0]
+
+
 def self_condition_input(model: nn.Module, z_t: Tensor, t: Tensor, z_image: Tensor, use: Tensor,
-                         schedule, task: Tensor | None = None) -> Tensor:
+                         schedule, task: Tensor | None = None, prediction: str = "eps") -> Tensor:
     """x0_self for training: a no-grad pass's x0 estimate where `use` (B,) bool, zeros elsewhere.
 
     The pass runs on the selected samples only; its output is detached, as in Analog Bits.
@@ -1327,14 +1346,15 @@ def self_condition_input(model: nn.Module, z_t: Tensor, t: Tensor, z_image: Tens
     x0_self = torch.zeros_like(z_t)
     if use.any():
         with torch.no_grad():
-            eps = denoise(model, z_t[use], t[use], z_image[use], None, None if task is None else task[use])
-            x0_self[use] = predict_x0_from_eps(z_t[use], t[use], eps.float(), schedule).to(x0_self.dtype)
+            out = denoise(model, z_t[use], t[use], z_image[use], None, None if task is None else task[use])
+            x0_self[use] = predict_x0(out, prediction, z_t[use], t[use], schedule).to(x0_self.dtype)
     return x0_self
 
 
 def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_image: Tensor, valid: Tensor,
                 generator: torch.Generator | None = None, task: Tensor | None = None) -> dict[str, Tensor]:
-    """The stage-2 objective [LDMSeg brief §3.3]: mean( w(t) * valid * (eps_pred - eps)^2 ).
+    """The stage-2 objective [LDMSeg brief §3.3]: mean( w(t) * valid * (eps_pred - eps)^2 ), or for
+    config.prediction == 'x0' mean( valid * (x0_pred - z0)^2 ) (section charter).
 
     model: the (possibly compiled / DDP-wrapped) LDMSeg; z0, z_image: (B, 4, h, w); valid (B, 1, h, w);
     task: (B,) int64 for a multi-task model (each sample's task, section 10), else None.
@@ -1348,10 +1368,13 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
     x0_self = None
     if config.self_condition:
         use = (torch.rand(B, generator=generator) < config.self_condition_prob).to(device)
-        x0_self = self_condition_input(model, z_t, t, z_image, use, schedule, task)
-    eps_pred = denoise(model, z_t, t, z_image, x0_self, task).float()
-    w = min_snr_weight(schedule.snr(t), config.min_snr_gamma)            # (B,)
-    se = (eps_pred - eps).pow(2) * valid                                 # (B, 4, h, w)
+        x0_self = self_condition_input(model, z_t, t, z_image, use, schedule, task, config.prediction)
+    pred = denoise(model, z_t, t, z_image, x0_self, task).float()
+    if config.prediction == "x0":
+        w, target = torch.ones(B, device=device), z0                     # unweighted x0 regression  [Analog Bits Alg. 1]
+    else:
+        w, target = min_snr_weight(schedule.snr(t), config.min_snr_gamma), eps  # (B,)  [PAPER]
+    se = (pred - target).pow(2) * valid                                  # (B, 4, h, w)
     loss = (w.view(B, 1, 1, 1) * se).mean()
     return {"loss": loss, "mse": se.mean()}
 
@@ -1399,19 +1422,21 @@ def sample_latent(model: LDMSeg, z_image: Tensor, *, sampler: str = "ddim", step
     """
     state: dict[str, Tensor | None] = {"x0": None}
 
-    def eps_model(z_t: Tensor, t: Tensor) -> Tensor:
-        eps = denoise(model, z_t, t, z_image, state["x0"], task).float()
-        state["x0"] = predict_x0_from_eps(z_t, t, eps, model.schedule)
-        return eps
+    prediction = model.config.prediction
+
+    def unet(z_t: Tensor, t: Tensor) -> Tensor:
+        out = denoise(model, z_t, t, z_image, state["x0"], task).float()
+        state["x0"] = predict_x0(out, prediction, z_t, t, model.schedule)
+        return out
 
     z_T = torch.randn(z_image.shape, generator=generator).to(z_image.device)
-    kw = dict(steps=steps, generator=generator, known=known, callback=callback)
+    kw = dict(steps=steps, generator=generator, known=known, callback=callback, prediction=prediction)
     if sampler == "ddim":
-        return ddim_sample(eps_model, z_T, model.schedule, spacing="trailing", set_alpha_to_one=True, **kw)
+        return ddim_sample(unet, z_T, model.schedule, spacing="trailing", set_alpha_to_one=True, **kw)
     if sampler == "dpm++":
-        return dpm_solver_pp_sample(eps_model, z_T, model.schedule, order=2, **kw)
+        return dpm_solver_pp_sample(unet, z_T, model.schedule, order=2, **kw)
     if sampler == "ddpm":
-        return ddpm_sample(eps_model, z_T, model.schedule, **kw)
+        return ddpm_sample(unet, z_T, model.schedule, **kw)
     raise ValueError(f"unknown sampler {sampler!r}: choose ddim, dpm++ or ddpm")
 
 

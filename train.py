@@ -115,6 +115,7 @@ class TrainConfig:
     image_vae: str = ""              # image autoencoder: a run / checkpoint of --stage vae, or Stable Diffusion weights (.ckpt, .safetensors, diffusers folder); default: train / reuse runs/<preset>/vae
     init_unet: str = ""              # start stage 2's UNet from Stable Diffusion 1.x weights (file or diffusers folder)  # PAPER: SD v1.4
     mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
+    prediction: str = ""             # stage 2 / multitask: the UNet's output, eps (min-SNR weighted, LDMSeg) | x0 (unweighted); "" = the preset's
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
@@ -193,6 +194,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit("--init-image-stream needs --stage cogen --two-stream or --stage t2i")
     if (cfg.patch_factor or cfg.panoptic_map) and cfg.stage != "cogen":
         raise SystemExit("--patch-factor and --panoptic-map belong to --stage cogen")
+    if cfg.prediction and (cfg.stage not in ("2", "multitask") or cfg.prediction not in ("eps", "x0")):
+        raise SystemExit(f"--prediction takes eps or x0 and belongs to --stage 2 / all / multitask, got {cfg.prediction!r}")
     if cfg.patch_factor not in (0, 1, 2, 4):
         raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
@@ -1063,6 +1066,8 @@ class LDMSegStage(LatentStage):
         image_cfg, image_state = self.image_autoencoder()
         mae = prerequisite(self.cfg, "1", self.cfg.mask_ae, self.log)
         self.mcfg = dataclasses.replace(self.base_config(), mask_ae=mae["model_config"], image_ae=image_cfg)
+        if self.cfg.prediction:
+            self.mcfg.prediction = self.cfg.prediction
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
         self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen

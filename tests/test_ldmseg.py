@@ -116,6 +116,50 @@ def test_sampling_with_self_conditioning_feeds_each_call_the_previous_estimate(t
     assert seen[0] is None and all(s is not None for s in seen[1:]) and len(seen) == 3
 
 
+class _Oracle(torch.nn.Module):
+    """A denoiser that knows the answer: outputs the true x0 (or the eps that leads to it) for any z_t."""
+
+    def __init__(self, model, z0, prediction):
+        import dataclasses
+        super().__init__()
+        self.config = dataclasses.replace(model.config, prediction=prediction)
+        self.schedule, self.z0 = model.schedule, z0
+        self.x0_selfs = []
+
+    def forward(self, z_t, t, z_image, x0_self=None):
+        self.x0_selfs.append(x0_self)
+        if self.config.prediction == "x0":
+            return self.z0.expand_as(z_t)
+        return sample.predict_eps_from_x0(z_t, t, self.z0.expand_as(z_t), self.schedule)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_sampling_reads_the_unet_output_as_its_configured_prediction(tiny_model, prediction):
+    """With an oracle in either parameterisation, DDIM returns the true latent and every
+    self-condition after the first is that latent: the output is read as eps or x0 as configured."""
+    z0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    oracle = _Oracle(tiny_model, z0, prediction)
+    out = ldmseg.sample_latent(oracle, torch.zeros(1, 4, 4, 4), steps=5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, z0, atol=1e-4, rtol=0)
+    assert oracle.x0_selfs[0] is None
+    for x0_self in oracle.x0_selfs[1:]:
+        torch.testing.assert_close(x0_self, z0, atol=1e-4, rtol=0)
+
+
+def test_x0_prediction_loss_is_the_unweighted_masked_x0_error(tiny_model):
+    import dataclasses
+    config = dataclasses.replace(tiny_model.config, prediction="x0", self_condition=False)
+    z0, z_img = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    valid = torch.ones(2, 1, 4, 4)
+    valid[1, :, :2] = 0
+    guess = torch.randn(2, 4, 4, 4)
+    out = ldmseg.ldmseg_loss(lambda z_t, t, zi, x0s: guess, config, tiny_model.schedule, z0, z_img, valid,
+                             torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["loss"], ((guess - z0).pow(2) * valid).mean())
+    with pytest.raises(ValueError, match="prediction"):
+        dataclasses.replace(config, prediction="v")
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -182,3 +226,17 @@ def test_stage2_starts_from_stable_diffusion_weights_in_both_layouts(stage2_run,
     assert torch.equal(model.unet.time_embedding.linear_1.weight, sd_unet.time_embedding.linear_1.weight)  # frozen
     assert not torch.equal(model.unet.conv_in.weight[:, :4], sd_unet.conv_in.weight)                     # trained
     assert model.config.image_ae.scale_factor == 0.18215
+
+
+def test_prediction_flag_trains_an_x0_model_that_its_checkpoint_rebuilds(tiny_runs, tmp_path):
+    import train
+    root, shapes = tiny_runs
+    metrics = train.main(["--stage", "2", "--prediction", "x0", "--preset", "tiny", "--data", str(shapes),
+                          "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--out-dir", str(tmp_path),
+                          "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2",
+                          "--eval-images", "1", "--log-every", "2"])
+    assert 0.0 <= metrics["pq_ddim3"] <= 1.0
+    assert ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt")).config.prediction == "x0"
+    for bad in (["--stage", "2", "--prediction", "v"], ["--stage", "vae", "--prediction", "x0"]):
+        with pytest.raises(SystemExit, match="--prediction"):
+            train.main(bad)
