@@ -116,6 +116,7 @@ class TrainConfig:
     init_unet: str = ""              # start stage 2's UNet from Stable Diffusion 1.x weights (file or diffusers folder)  # PAPER: SD v1.4
     mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
     prediction: str = ""             # stage 2 / multitask: the UNet's output, eps (min-SNR weighted, LDMSeg) | x0 (unweighted); "" = the preset's
+    signal_scale: float = 0.0        # stage 2 / multitask: b, the diffusion sees b x the unit-variance mask latent; 0 = the preset's
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
@@ -196,6 +197,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit("--patch-factor and --panoptic-map belong to --stage cogen")
     if cfg.prediction and (cfg.stage not in ("2", "multitask") or cfg.prediction not in ("eps", "x0")):
         raise SystemExit(f"--prediction takes eps or x0 and belongs to --stage 2 / all / multitask, got {cfg.prediction!r}")
+    if cfg.signal_scale and (cfg.stage not in ("2", "multitask") or cfg.signal_scale < 0):
+        raise SystemExit(f"--signal-scale takes a positive b and belongs to --stage 2 / all / multitask, got {cfg.signal_scale}")
     if cfg.patch_factor not in (0, 1, 2, 4):
         raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
@@ -1068,6 +1071,8 @@ class LDMSegStage(LatentStage):
         self.mcfg = dataclasses.replace(self.base_config(), mask_ae=mae["model_config"], image_ae=image_cfg)
         if self.cfg.prediction:
             self.mcfg.prediction = self.cfg.prediction
+        if self.cfg.signal_scale:
+            self.mcfg.signal_scale = self.cfg.signal_scale
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
         self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen

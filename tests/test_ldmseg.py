@@ -228,15 +228,17 @@ def test_stage2_starts_from_stable_diffusion_weights_in_both_layouts(stage2_run,
     assert model.config.image_ae.scale_factor == 0.18215
 
 
-def test_prediction_flag_trains_an_x0_model_that_its_checkpoint_rebuilds(tiny_runs, tmp_path):
+def test_prediction_and_signal_scale_flags_reach_the_model_its_checkpoint_rebuilds(tiny_runs, tmp_path):
     import train
     root, shapes = tiny_runs
-    metrics = train.main(["--stage", "2", "--prediction", "x0", "--preset", "tiny", "--data", str(shapes),
+    metrics = train.main(["--stage", "2", "--prediction", "x0", "--signal-scale", "0.2", "--preset", "tiny", "--data", str(shapes),
                           "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--out-dir", str(tmp_path),
                           "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2",
                           "--eval-images", "1", "--log-every", "2"])
     assert 0.0 <= metrics["pq_ddim3"] <= 1.0
-    assert ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt")).config.prediction == "x0"
-    for bad in (["--stage", "2", "--prediction", "v"], ["--stage", "vae", "--prediction", "x0"]):
-        with pytest.raises(SystemExit, match="--prediction"):
+    config = ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt")).config
+    assert config.prediction == "x0" and config.signal_scale == 0.2
+    for bad in (["--stage", "2", "--prediction", "v"], ["--stage", "vae", "--prediction", "x0"],
+                ["--stage", "1", "--signal-scale", "0.2"], ["--stage", "2", "--signal-scale", "-1"]):
+        with pytest.raises(SystemExit, match="--prediction|--signal-scale"):
             train.main(bad)
