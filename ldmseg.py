@@ -1150,9 +1150,9 @@ class UNet(nn.Module):
 # (min-SNR-gamma for eps-prediction, Hang et al. 2023; gamma = 2 [PAPER]), with latent cells whose
 # (nearest-downsampled) id is void masked out [LDMSeg brief §3.3].
 #
-# Written in x0 terms, that loss is min(SNR_t, gamma) * |x0_pred - x0|^2: below SNR = gamma (most
-# of the scaled-linear schedule, all of it once b < 1 lowers every SNR) the error of the clean
-# latent counts in proportion to SNR_t -- at t = 999 about 1/500 of what it counts at t = 50. Yet
+# Written in x0 terms, that loss is min(SNR_t, gamma) * |x0_pred - x0|^2: below SNR = gamma
+# (t >= 250 of the scaled-linear schedule's 1000) the error of the clean latent counts in
+# proportion to SNR_t -- at t = 999 about 1/400 of what it counts at t <= 250. Yet
 # the high-noise steps are where the sampler decides which segments exist: there z_t says almost
 # nothing and only the image can. A model trained from scratch for minutes learns those steps last.
 # `prediction="x0"` is the other choice: the UNet outputs x0 and the loss is |x0_pred - x0|^2 with
