@@ -1092,26 +1092,32 @@ def _prompt_notes(model, prompt: str) -> None:
         print(f"note: the prompt has {len(words)} words; the model reads the first {model.tokenizer.length}")
 
 
-def _cogen_pictures(model, autoencoder, args, given: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _cogen_pictures(model, autoencoder, args, given: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """--num samples for --prompt, in batches of --batch-size from one generator.
 
-    Returns images (N, 3, H, W) in [-1, 1] and category maps (N, H, W) int64 at image size, 0 = void.
+    Returns images (N, 3, H, W) in [-1, 1], category maps (N, H, W) int64 at image size (0 = void)
+    and, for a panoptic PDM, its segments (N, H, W) int64 (one per (category, instance id) pair), else None.
     """
     import cogen
-    gen, images, maps = torch.Generator().manual_seed(args.seed), [], []
+    import evaluate
+    gen, images, maps, segments = torch.Generator().manual_seed(args.seed), [], [], []
     for lo in range(0, args.num, args.batch_size):
         n = min(args.batch_size, args.num - lo)
         x0_image, m0_bits = cogen.generate(model, [args.prompt] * n, sampler=args.sampler, steps=args.steps,
                                            text_scale=args.text_scale, map_scale=args.map_scale, generator=gen,
                                            given_map=None if given is None else given.expand(n, -1, -1, -1))
         x = cogen.decode_images(autoencoder, x0_image).cpu()                  # (n, 3, H, W)
-        category = cogen.decode_map(m0_bits, model.config)[0].cpu()          # (n, H_m, W_m)
+        category, instance = cogen.decode_map(m0_bits, model.config)        # (n, H_m, W_m) each
         # Bits can spell ids above num_categories, which name no category (PDM's MCD drops them
         # [PDM brief §7.1]): they are written as void, so every written map can be fed back as --map.
-        category = torch.where(category > model.config.num_categories, 0, category)
+        category = torch.where(category > model.config.num_categories, 0, category).cpu()
         images.append(x)
         maps.append(cogen.nearest_resize_ids(category, tuple(x.shape[-2:])))
-    return torch.cat(images), torch.cat(maps)
+        if instance is not None:
+            seg = torch.stack([evaluate.map_instances(c, model.config.num_categories, i)
+                               for c, i in zip(category, instance.cpu())])           # (n, H_m, W_m)
+            segments.append(cogen.nearest_resize_ids(seg, tuple(x.shape[-2:])))
+    return torch.cat(images), torch.cat(maps), torch.cat(segments) if segments else None
 
 
 def _count_line(category: Tensor, names: dict[int, str]) -> str:
@@ -1136,23 +1142,38 @@ def cogen_images(args, ckpt: dict, device) -> Path:
         raise SystemExit(f"{args.ckpt}: a context-mode PDM reads precomputed CLIP features, not prompts")
     given = _given_map_bits(args, model.config)
     _prompt_notes(model, args.prompt)
-    images, maps = _cogen_pictures(model, autoencoder, args, given)
+    images, maps, segments = _cogen_pictures(model, autoencoder, args, given)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {c["id"]: c["name"] for c in ckpt.get("categories", [])}
-    rows: list = [[], [], []]
+    # A panoptic PDM's segments also go out as a COCO panoptic folder (panoptic/NN.png + panoptic.json).
+    writer = data.PanopticWriter(out, ckpt.get("categories")) if segments is not None else None
+    rows: list = [[], [], []] + ([[]] if writer else [])
     for k, (x, ids) in enumerate(zip(images, maps)):
         rgb = ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)   # (3, H, W) -> (H, W, 3)
         ids = ids.numpy()
         Image.fromarray(rgb).save(out / f"{k:02d}_image.png")
         Image.fromarray(ids.astype(np.uint8)).save(out / f"{k:02d}_map.png")          # category ids, mode L
         Image.fromarray(data.colorize(ids)).save(out / f"{k:02d}_map_color.png")
-        for row, picture in zip(rows, (rgb, data.colorize(ids), data.overlay(rgb, ids))):
+        pictures = [rgb, data.colorize(ids), data.overlay(rgb, ids)]
+        if writer:
+            seg = segments[k].numpy()
+            category_of = {int(i): int(ids[seg == i][0]) for i in np.unique(seg) if i}
+            writer.add(f"{k:02d}.png", k, seg, category_of)
+            pictures.append(data.colorize(seg))
+            counts = cogen.instance_counts(torch.from_numpy(ids), torch.from_numpy(seg))
+            print(f"{k:02d}: " + (", ".join(f"{names.get(c, f'id {c}')} {n}" for c, n in sorted(counts.items()))
+                                  or "(empty)"))
+        else:
+            print(f"{k:02d}: {_count_line(torch.from_numpy(ids), names)}")
+        for row, picture in zip(rows, pictures):
             row.append(picture)
-        print(f"{k:02d}: {_count_line(torch.from_numpy(ids), names)}")
     Image.fromarray(np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)).save(out / "grid.png")
-    print(f"wrote grid.png (rows: images, maps, overlays) and NN_image.png, NN_map.png (category ids), "
-          f"NN_map_color.png for {args.num} samples of {args.prompt!r} to {out}")
+    if writer:
+        writer.close()
+    extra = ", panoptic/NN.png + panoptic.json (the segments, COCO format)" if writer else ""
+    print(f"wrote grid.png (rows: images, maps, overlays{', segments' if writer else ''}) and NN_image.png, "
+          f"NN_map.png (category ids), NN_map_color.png{extra} for {args.num} samples of {args.prompt!r} to {out}")
     return out
 
 

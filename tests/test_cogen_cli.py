@@ -125,6 +125,17 @@ def test_patch_factor_and_panoptic_map_flags_reach_the_model(tiny_runs, tmp_path
     c = cogen.PDMConfig(**train.load_checkpoint(tmp_path / "f4p", "cogen")["model_config"])
     assert c.patch_factor == 4 and c.map_size == 4 * c.latent_size and c.panoptic
     assert 0.0 <= metrics["caption_agreement"] <= 1.0
+    # A panoptic PDM's samples carry their segments: a fourth grid row and a COCO panoptic folder.
+    _sample(tmp_path / "f4p", tmp_path / "pan")
+    with Image.open(tmp_path / "pan" / "grid.png") as im:
+        assert im.size == (3 * 32, 4 * 32)
+    written = json.loads((tmp_path / "pan" / "panoptic.json").read_text())
+    for ann in written["annotations"]:
+        ids = data.read_panoptic_png(tmp_path / "pan" / "panoptic" / ann["file_name"])
+        category = np.array(Image.open(tmp_path / "pan" / ann["file_name"].replace(".png", "_map.png")))
+        assert {s["id"] for s in ann["segments_info"]} == set(np.unique(ids).tolist()) - {0}
+        for s in ann["segments_info"]:
+            assert (category[ids == s["id"]] == s["category_id"]).all()
     assert train.resolve(train.TrainConfig(stage="cogen", patch_factor=1)).out_dir.endswith("cogen_f1")
     with pytest.raises(SystemExit, match="must be 1, 2 or 4"):
         train.resolve(train.TrainConfig(stage="cogen", patch_factor=3))
