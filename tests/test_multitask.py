@@ -226,3 +226,9 @@ def test_a_stage2_checkpoint_cannot_answer_the_depth_task(tiny_runs, tmp_path):
     with pytest.raises(SystemExit, match="stage multitask is needed"):
         sample.main(["--task", "depth", "--ckpt", str(root / "s2"), "--image", str(img), "--steps", "2",
                      "--out-dir", str(tmp_path), "--device", "cpu"])
+
+
+def test_shapes_multitask_keeps_the_measured_eps_recipe_while_stage2_predicts_x0():
+    stage2, multi = ldmseg.LDMSegConfig.preset("shapes"), ldmseg.multitask_config("shapes")
+    assert (stage2.prediction, stage2.signal_scale) == ("x0", 0.1)
+    assert (multi.prediction, multi.signal_scale) == ("eps", 0.3)
