@@ -1499,10 +1499,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """The trailing '# ...' comment of every dataclass field, read from this file's source."""
+    """The trailing '# ...' comment of every dataclass field, read from this file's source.
+
+    The class body is cut out of the file text by indentation, not by inspect.getsource, which parses
+    the file with `ast`: CPython 3.11's parser can fail in a process forked while another thread
+    parses ("AST constructor recursion depth mismatch"), and a forked training process builds this
+    parser too.
+    """
     import inspect
+    lines = Path(inspect.getsourcefile(cls)).read_text().splitlines()
+    start = lines.index(f"class {cls.__name__}:") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
     out = {}
-    for line in inspect.getsource(cls).splitlines():
+    for line in lines[start:end]:
         name, sep, rest = line.strip().partition(":")
         if sep and "#" in rest and name.isidentifier():
             out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
