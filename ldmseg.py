@@ -1157,8 +1157,8 @@ class UNet(nn.Module):
 # nothing and only the image can. A model trained from scratch for minutes learns those steps last.
 # `prediction="x0"` is the other choice: the UNet outputs x0 and the loss is |x0_pred - x0|^2 with
 # the same weight at every t -- the x0-parameterised, unweighted regression of Analog Bits (Chen et
-# al. 2023, Alg. 1) and of its panoptic use Pix2Seq-D (Chen et al. 2023, arXiv 2210.06366). The samplers
-# take either output (sample.to_x0_and_eps).
+# al. 2023, Alg. 1); its panoptic use, Pix2Seq-D (arXiv 2210.06366), also predicts the mask itself
+# (with a cross-entropy loss). The samplers take either output (sample.to_x0_and_eps).
 #
 # Self-conditioning (Chen et al., "Analog Bits", §3.2). DEVIATION: the official code feeds the
 # self-condition on 100 % of training steps, so the all-zero self-condition that starts every
@@ -1215,10 +1215,11 @@ class LDMSegConfig:
         # so for Shapes a signal scale b < 1 lowers them. On 16 x 16 latents of flat segments,
         # unit-variance latents stay legible through much of the noise, and the model then leans on
         # z_t rather than on the image (Chen 2023, "On the importance of noise scheduling").
-        # DEVIATION (shapes only): x0-prediction, unweighted (section charter), at b = 0.1, the input
-        # scaling Pix2Seq-D found best for panoptic masks. Measured with the quick start's
-        # autoencoders (1,500 x 16, 200 val images, PQ DDIM 50 / DPM-Solver++ 20): eps at b = 0.3
-        # 1.4 / 4.7; x0 at b = 0.3 5.3 / 4.6; x0 at b = 0.1 5.9 / 5.4. coco keeps the paper's eps, b = 1.
+        # DEVIATION (shapes only): x0-prediction, unweighted (section charter), at b = 0.1 (Pix2Seq-D
+        # scales its analog bits down the same way). Measured with the quick start's autoencoders
+        # (1,500 x 16, 200 val images, PQ DDIM 50 / DPM-Solver++ 20): eps at b = 0.3 1.4 / 4.7; x0 at
+        # b = 0.3 5.3 / 4.6; x0 at b = 0.1 5.9 / 5.4 (5.3 / 4.5 in another run: b is within run-to-run
+        # variation, x0 against eps is not). coco keeps the paper's eps, b = 1.
         extra = {"shapes": dict(signal_scale=0.1, prediction="x0")}.get(name, {})
         return cls(unet=UNetConfig.preset(name), mask_ae=MaskAEConfig.preset(name),
                    image_ae=ImageAEConfig.preset(name), **extra)
