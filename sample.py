@@ -1120,10 +1120,8 @@ def _cogen_pictures(model, autoencoder, args, given: Optional[Tensor]) -> tuple[
     return torch.cat(images), torch.cat(maps), torch.cat(segments) if segments else None
 
 
-def _count_line(category: Tensor, names: dict[int, str]) -> str:
-    """'circle 2, square 1, grass 1': connected components per category of one map."""
-    import cogen
-    counts = cogen.component_counts(category)
+def _count_line(counts: dict[int, int], names: dict[int, str]) -> str:
+    """'circle 2, square 1, grass 1' from {category id: count} (cogen.component_counts / instance_counts)."""
     return ", ".join(f"{names.get(k, f'id {k}')} {n}" for k, n in sorted(counts.items())) or "(empty)"
 
 
@@ -1161,11 +1159,10 @@ def cogen_images(args, ckpt: dict, device) -> Path:
             category_of = {int(i): int(ids[seg == i][0]) for i in np.unique(seg) if i}
             writer.add(f"{k:02d}.png", k, seg, category_of)
             pictures.append(data.colorize(seg))
-            counts = cogen.instance_counts(torch.from_numpy(ids), torch.from_numpy(seg))
-            print(f"{k:02d}: " + (", ".join(f"{names.get(c, f'id {c}')} {n}" for c, n in sorted(counts.items()))
-                                  or "(empty)"))
+            counts = cogen.instance_counts(torch.from_numpy(ids), torch.from_numpy(seg))    # segments
         else:
-            print(f"{k:02d}: {_count_line(torch.from_numpy(ids), names)}")
+            counts = cogen.component_counts(torch.from_numpy(ids))                         # connected components
+        print(f"{k:02d}: {_count_line(counts, names)}")
         for row, picture in zip(rows, pictures):
             row.append(picture)
     Image.fromarray(np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)).save(out / "grid.png")
