@@ -252,8 +252,9 @@ def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
 # "this pixel has id k": the ids were random, so the map must be reproduced id for id.
 #
 # The layers sit in two nn.Sequential with exactly the official layout (including the Identity
-# placeholders for the unused mid blocks), so the parameter names -- encoder.0.weight, ...,
-# decoder.10.bias -- are those of the released LDMSeg autoencoder checkpoint.
+# placeholders where the paper's model has no mid blocks), so the parameter names -- encoder.0.weight,
+# ..., decoder.10.bias -- are those of the released LDMSeg autoencoder checkpoint. The official code's
+# optional mid blocks (`num_mid_blocks`) take those placeholders' places, with the same names.
 
 
 @dataclass
@@ -267,6 +268,7 @@ class MaskAEConfig:
     num_upsamplers: int = 2                            # ConvTranspose x2 stages; logits at stride 8 / 2^n  [PAPER: 2 -> H/2]
     upsample_channels: int = 256                       # width of the decoder's upsampling stages  [PAPER]
     norm_groups: int = 32                              # groups of the GroupNorms  [PAPER]
+    num_mid_blocks: int = 0                            # ResNet pairs at the latent resolution (official option)  [PAPER: 0]
     scale_factor: float = 0.18215                      # s: diffusion sees s * mean; not applied inside the module  [PAPER]
     num_points: int = 12544                            # points per image (CE) / per mask (BCE + Dice)  [PAPER: 112^2 at 512^2]
     oversample_ratio: int = 3                          # candidates = ratio * num_points, scored by uncertainty  [PAPER]
@@ -304,6 +306,30 @@ class MaskAEConfig:
         return 2 ** self.num_bits
 
 
+class MaskAEMidBlock(nn.Module):
+    """Two ResNet blocks at the latent resolution, width mid_channels -> mid_channels.
+
+    The official code's optional mid block (diffusers' UNetMidBlock2D with no attention and no
+    timestep, whose parameters are named resnets.0.*, resnets.1.*). The paper's model has none,
+    nor do our presets: on Shapes one block (2,400 x 16 steps) scored reconstruction PQ 79.3
+    against 88.2 without.
+    """
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(channels, channels, groups) for _ in range(2)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.resnets:
+            x = block(x)                                                  # (B, C, h, w) -> (B, C, h, w)
+        return x
+
+
+def _mid_blocks(cfg: MaskAEConfig, n: int) -> list[nn.Module]:
+    """n mid blocks, or the official Identity placeholder when n = 0 (keeps the layer indices)."""
+    return [MaskAEMidBlock(cfg.mid_channels, cfg.norm_groups) for _ in range(n)] or [nn.Identity()]
+
+
 def _mask_encoder_layers(cfg: MaskAEConfig) -> list[nn.Module]:
     """The encoder, layer for layer as the LDMSeg brief §2.2 table (indices = checkpoint names)."""
     widths = cfg.block_channels
@@ -314,7 +340,7 @@ def _mask_encoder_layers(cfg: MaskAEConfig) -> list[nn.Module]:
         layers += [nn.Conv2d(c_in, c_in, 3, padding=1),
                    nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
     layers += [nn.Conv2d(widths[-1], cfg.mid_channels, 3, padding=1),
-               nn.Identity(),                                             # mid blocks: none  [PAPER]
+               *_mid_blocks(cfg, cfg.num_mid_blocks),                     # [PAPER: none -> one Identity]
                nn.GroupNorm(cfg.norm_groups, cfg.mid_channels, eps=1e-6), nn.SiLU(),
                nn.Conv2d(cfg.mid_channels, 2 * cfg.latent_channels, 3, padding=1)]  # mean | logvar
     return layers
@@ -322,8 +348,9 @@ def _mask_encoder_layers(cfg: MaskAEConfig) -> list[nn.Module]:
 
 def _mask_decoder_layers(cfg: MaskAEConfig) -> list[nn.Module]:
     """The decoder: conv to width, [ConvTranspose 2x2 s2 -> LayerNorm2d -> SiLU] x n, GN-SiLU-conv."""
+    # QUIRK: one mid block whatever num_mid_blocks > 0 says, as the official decoder builds it.
     layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, cfg.mid_channels, 3, padding=1),
-                               nn.Identity()]                             # mid block: none  [PAPER]
+                               *_mid_blocks(cfg, min(cfg.num_mid_blocks, 1))]  # [PAPER: none -> Identity]
     width = cfg.mid_channels
     for _ in range(cfg.num_upsamplers):
         layers += [nn.ConvTranspose2d(width, cfg.upsample_channels, 2, stride=2),

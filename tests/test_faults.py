@@ -173,21 +173,32 @@ def _batch_of(index: int, batch: int = 4) -> int:
 
 
 def test_a_bad_sample_stops_training_naming_the_file_and_keeps_a_checkpoint(shapes, tmp_path):
-    _damage(shapes / "train" / FIRST, "truncated")
+    png = shapes / "annotations" / "panoptic_train" / FIRST             # stage 1 reads ids, not images
+    _damage(png, "truncated")
     k = _batch_of(0)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:                              # from a DataLoader worker
         train.main(_args(shapes, out, "--max-steps", "6", "--num-workers", "1"))
     message = str(info.value.code)
-    assert message.startswith(f"error: {shapes / 'train' / FIRST}: cannot read image")
+    assert message.startswith(f"error: {png}: cannot read panoptic PNG")
     assert f"stopped before step {k + 1}" in message and "--skip-bad-samples" in message
     assert "Traceback" not in message and message.split("error: ")[1] in (out / "log.txt").read_text()
     if k:                                                                # the steps done are not lost
         assert train.load_checkpoint(out, "1")["step"] == k
 
 
-def test_skip_bad_samples_replaces_the_item_counts_and_logs_it(shapes, tmp_path):
+def test_stage_1_never_reads_the_images_or_depth_it_does_not_train_on(shapes, tmp_path):
     _damage(shapes / "train" / FIRST, "corrupt")
+    _damage(shapes / "depth" / "train" / FIRST, "corrupt")
+    train.main(_args(shapes, tmp_path / "run", "--max-steps", "2", "--num-workers", "0"))
+    assert train.load_checkpoint(tmp_path / "run", "1")["step"] == 2
+    item = data.shapes_dataset(shapes, "train", size=32, load_image=False, load_depth=False)[0]
+    assert "image" not in item and "depth" not in item and item["segments"].shape == (32, 32)
+
+
+def test_skip_bad_samples_replaces_the_item_counts_and_logs_it(shapes, tmp_path):
+    png = shapes / "annotations" / "panoptic_train" / FIRST
+    _damage(png, "corrupt")
     ds = data.shapes_dataset(shapes, "train", size=32, skip_bad=True)
     item = ds[0]
     assert item["index"] == 1 and len(item["skipped"]) == 1 and FIRST in item["skipped"][0]
@@ -196,7 +207,7 @@ def test_skip_bad_samples_replaces_the_item_counts_and_logs_it(shapes, tmp_path)
     train.main(_args(shapes, out, "--max-steps", "3", "--log-every", "3", "--num-workers", "1",
                      "--skip-bad-samples"))
     log = (out / "log.txt").read_text()
-    assert f"--skip-bad-samples: {shapes / 'train' / FIRST}: cannot read image" in log
+    assert f"--skip-bad-samples: {png}: cannot read panoptic PNG" in log
     assert "| 1 bad samples skipped" in log and train.load_checkpoint(out, "1")["step"] == 3
 
 

@@ -156,6 +156,18 @@ def test_coco_mask_autoencoder_names_follow_the_official_sequential_layout():
     assert shapes["decoder.10.weight"] == (128, 256, 3, 3)    # 2^7 id logits
 
 
+def test_mask_autoencoder_mid_blocks_take_the_placeholders_names_as_in_the_official_code():
+    cfg = dataclasses.replace(MaskAEConfig.preset("tiny"), num_mid_blocks=2)
+    model = MaskAutoencoder(cfg)
+    names = {k.split(".resnets")[0] for k in model.state_dict() if ".resnets." in k}
+    assert names == {"encoder.12", "encoder.13", "decoder.1"}    # QUIRK: the decoder builds one
+    assert model.state_dict()["encoder.16.weight"].shape[0] == 2 * cfg.latent_channels
+    bits = torch.randn(2, cfg.num_bits, 32, 32).sign()
+    mean, logvar = model.encode(bits)
+    assert mean.shape == logvar.shape == (2, cfg.latent_channels, 4, 4)
+    assert model.decode(mean).shape == (2, cfg.num_classes, 16, 16)
+
+
 def test_coco_image_autoencoder_has_stable_diffusions_83_653_863_parameters():
     with torch.device("meta"):
         model = ImageAutoencoder(ImageAEConfig.preset("coco"))

@@ -105,7 +105,7 @@ def _ddp_worker(rank, world, port, root, out, result):
     stage = train.STAGES["1"](cfg, device, train.Logger(None, False))
     model = stage.build()
     opt = train.make_optimizer(model, cfg, device)
-    train._loop(cfg, stage, model, opt, None, stage.datasets()[0], device, d, out, train.Logger(None, False), 0)
+    train._loop(cfg, stage, model, opt, None, *stage.datasets(), device, d, out, train.Logger(None, False), 0)
     result[rank] = torch.cat([p.detach().flatten() for p in model.parameters()])
     dist.destroy_process_group()
 

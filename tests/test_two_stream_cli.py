@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import cogen
+import data
 import sample
 import train
 from test_cogen_cli import _train_args
@@ -27,7 +28,7 @@ def t2i_run(tiny_runs, tmp_path_factory):
     root, shapes = tiny_runs
     out = tmp_path_factory.mktemp("t2i") / "run"
     metrics = train.main(_args(root, shapes, "t2i", out, "--max-steps", "4"))
-    return out, metrics
+    return out, metrics, shapes
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +53,13 @@ def two_stream_run(tiny_runs, t2i_run, tmp_path_factory):
 
 
 def test_t2i_stage_writes_a_loadable_run_with_eps_mse_and_previews(t2i_run):
-    run, metrics = t2i_run
+    run, metrics, shapes = t2i_run
     assert {"ckpt.pt", "config.json", "log.txt", "metrics.json", "preview_final.png"} <= {p.name for p in run.iterdir()}
     assert set(metrics) == {"eps_mse", "eps_mse_t100", "eps_mse_t500", "eps_mse_t900", "eps_mse_empty"}
     assert all(0.0 < v < 10.0 for v in metrics.values())
-    with Image.open(run / "preview_final.png") as im:                       # 4 rows: image | generated
-        assert im.size == (2 * 32, 4 * 32)
+    num_val = len(data.shapes_dataset(shapes, "val"))                      # one row per val image, at most 4
+    with Image.open(run / "preview_final.png") as im:                       # rows: image | generated
+        assert im.size == (2 * 32, min(num_val, 4) * 32)
     model = cogen.load_pdm(train.load_checkpoint(run, "t2i"))
     assert isinstance(model, cogen.T2IUViT) and model.config.arch == "t2i"
 
