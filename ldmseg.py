@@ -312,7 +312,7 @@ class MaskAEMidBlock(nn.Module):
     The official code's optional mid block (diffusers' UNetMidBlock2D with no attention and no
     timestep, whose parameters are named resnets.0.*, resnets.1.*). The paper's model has none,
     nor do our presets: on Shapes one block (2,400 x 16 steps) scored reconstruction PQ 79.3
-    against 88.2 without.
+    against 88.2 without (one run each).
     """
 
     def __init__(self, channels: int, groups: int):
