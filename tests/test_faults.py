@@ -196,6 +196,15 @@ def test_stage_1_never_reads_the_images_or_depth_it_does_not_train_on(shapes, tm
     assert "image" not in item and "depth" not in item and item["segments"].shape == (32, 32)
 
 
+def test_a_bad_preview_image_stops_training_before_the_first_step_naming_it(shapes, tmp_path):
+    bad = shapes / "val" / FIRST                                          # val item 0: a preview image
+    _damage(bad, "corrupt")
+    with pytest.raises(SystemExit) as info:
+        train.main(_args(shapes, tmp_path / "run", "--max-steps", "2", "--num-workers", "0"))
+    assert str(info.value.code).startswith(f"error: {bad}: cannot read image")
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
 def test_skip_bad_samples_replaces_the_item_counts_and_logs_it(shapes, tmp_path):
     png = shapes / "annotations" / "panoptic_train" / FIRST
     _damage(png, "corrupt")
