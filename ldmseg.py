@@ -1511,19 +1511,24 @@ def load_ldmseg(ckpt: dict, use_ema: bool = True) -> LDMSeg:
 #             AE mean x b s_t
 #   semantic  the category-id map itself (no remap: the id is     argmax of the mask AE's 2^K logits
 #             the meaning) -> bits -> the same frozen mask AE     (no thresholds: every pixel has a class)
-#   depth     log depth in [-1, 1], averaged over each f x f      channel mean -> bilinear x f -> exp
-#             cell, repeated on the 4 channels, x b
+#   depth     log depth in [-1, 1]: the median of each of the     sub-cells back in place (pixel
+#             2 x 2 sub-cells of a cell on its 4 channels, x b     shuffle) -> nearest x f/2 -> exp
 #
 # Semantic: the mask AE was trained on arbitrary ids, so it encodes any map with ids <= 2^K - 1 --
 # Shapes' 9 categories fit its 4 bits; COCO's ids reach 200 and need an 8-bit AE (the 7-bit coco AE
 # holds 127, so the multi-task stage refuses it).
-# Depth enters directly, not through an autoencoder of its own: a smooth map loses little to 8 x 8
-# averaging, the encoding is exact at latent resolution and needs no training; its cost is blur at
-# depth edges (one latent cell). Log depth because AbsRel and delta < 1.25 are relative errors: a
-# fixed error in log depth is a fixed relative error, whereas a linear scale would spend the range
-# on the far sky and leave things at 1-3 m a few hundredths apart. The 4 copies are denoised with 4
-# independent noises and averaged at decoding, which averages their errors. b (signal_scale) scales
-# it as it scales the map latents, so every task sees the same SNR schedule.
+# Depth enters directly, not through an autoencoder of its own: the encoding needs no training and
+# is exact at half the latent cell (4 px at f = 8). Each cell's 4 channels hold the median log depth
+# of its 4 sub-cells (pixel_unshuffle), decoded by nearest upsampling. Measured as a round trip on
+# 1,000 Shapes train depth maps (delta < 1.25 / AbsRel): a mean over the whole cell repeated on the 4
+# channels, decoded bilinearly, caps delta at 0.83 / 0.17, below the 0.9 a model should reach; 2 x 2
+# sub-cell means, bilinear, 0.90 / 0.09; sub-cell medians, nearest, 0.98 / 0.13 (ours). The failures
+# are at depth edges -- a thing 3 m away in front of the 60 m sky -- where any blend of the two
+# depths is wrong for both; a median keeps the majority side's depth. Log depth because AbsRel and
+# delta < 1.25 are relative errors: a fixed error in log depth is a fixed relative error, whereas a
+# linear scale would spend the range on the far sky and leave things at 1-3 m a few hundredths
+# apart. b (signal_scale) scales it as it scales the map latents, so every task sees the same SNR
+# schedule.
 #
 # Task sampling: every training sample gets a task drawn uniformly from config.tasks by the step's
 # generator (independent per sample), so each batch mixes tasks and each task has 1/3 of the
@@ -1577,21 +1582,34 @@ def unit_to_depth(u: Tensor, depth_range: tuple[float, float]) -> Tensor:
 def encode_depth(depth: Tensor, factor: int, depth_range: tuple[float, float], channels: int) -> tuple[Tensor, Tensor]:
     """depth (B, H, W) metres, 0 = unknown -> latent (B, C, H/f, W/f) in [-1, 1] and valid (B, 1, H/f, W/f).
 
-    Each cell holds the mean log depth of its known pixels, repeated on the C channels; a cell with no
-    known pixel is 0 and invalid (masked out of the loss, like void).
+    Each latent cell (f x f pixels) is split into s x s sub-cells, s^2 = C; channel c of the cell holds
+    the median log depth of the known pixels of sub-cell c (row-major, as pixel_unshuffle). A sub-cell
+    with no known pixel takes its cell's median; a cell with none is 0 and invalid (masked like void).
+    Median (torch's: the lower middle value): a sub-cell straddling a depth edge keeps the depth of
+    its majority side instead of a blend that belongs to neither surface.
     """
-    known = (depth > 0).float()[:, None]                                  # (B, 1, H, W)
-    u = depth_to_unit(depth, depth_range)[:, None] * known                # clamped before the log: 0 is safe
-    total = F.avg_pool2d(u, factor)                                       # (B, 1, H, W) -> (B, 1, h, w)
-    share = F.avg_pool2d(known, factor)                                   # known fraction of each cell
-    cell = total / share.clamp_min(1e-6)                                  # mean over known pixels only
-    return cell.expand(-1, channels, -1, -1).contiguous(), (share > 0).float()   # (B, C, h, w), (B, 1, h, w)
+    s = math.isqrt(channels)
+    if s * s != channels or factor % s:
+        raise ValueError(f"depth needs a square number of latent channels dividing the cell: {channels} channels, "
+                         f"{factor} px cells")
+    B, H, W = depth.shape
+    u = depth_to_unit(depth, depth_range).masked_fill(depth <= 0, float("nan"))   # unknown -> NaN
+    sub = factor // s                                                     # sub-cell side in pixels
+    blocks = u.reshape(B, H // sub, sub, W // sub, sub).permute(0, 1, 3, 2, 4)   # (B, H/sub, W/sub, sub, sub)
+    subcell = blocks.flatten(-2).nanmedian(-1).values                     # (B, H/sub, W/sub), NaN if unknown
+    cells = u.reshape(B, H // factor, factor, W // factor, factor).permute(0, 1, 3, 2, 4)
+    cell = cells.flatten(-2).nanmedian(-1).values                         # (B, h, w), NaN if all unknown
+    cell_up = cell.repeat_interleave(s, 1).repeat_interleave(s, 2)       # (B, H/sub, W/sub)
+    subcell = torch.where(subcell.isnan(), cell_up, subcell).nan_to_num(0.0)
+    z = F.pixel_unshuffle(subcell[:, None], s)                            # (B, 1, sh, sw) -> (B, C, h, w)
+    return z.contiguous(), (~cell.isnan()).float()[:, None]              # (B, C, h, w), (B, 1, h, w)
 
 
 def decode_depth(z: Tensor, depth_range: tuple[float, float], size: tuple[int, int]) -> Tensor:
-    """Latent (B, C, h, w) in [-1, 1] -> depth (B, *size) metres: channel mean, bilinear upsampling, exp."""
-    u = F.interpolate(z.float().mean(1, keepdim=True), size=size, mode="bilinear", align_corners=False)
-    return unit_to_depth(u[:, 0], depth_range)                            # (B, 1, H, W) -> (B, H, W)
+    """Latent (B, C, h, w) in [-1, 1] -> depth (B, *size) metres: sub-cells back in place, nearest up, exp."""
+    u = F.pixel_shuffle(z.float(), math.isqrt(z.shape[1]))               # (B, C, h, w) -> (B, 1, sh, sw)
+    u = F.interpolate(u, size=size, mode="nearest")                      # (B, 1, H, W)
+    return unit_to_depth(u[:, 0], depth_range)
 
 
 def _instance_latent(model: LDMSeg, targets: dict, generator) -> tuple[Tensor, Tensor]:

@@ -92,19 +92,31 @@ def test_depth_round_trips_through_the_direct_encoding():
     z, valid = ldmseg.encode_depth(flat, 8, rng, 4)
     assert z.shape == (1, 4, 4, 4) and bool(valid.all())
     assert torch.allclose(ldmseg.decode_depth(z, rng, (32, 32)), flat, rtol=1e-5)
-    # A map linear in log depth is recovered exactly away from the border half-cell (bilinear
-    # interpolation of cell means is exact for a linear function).
-    x = torch.arange(32, dtype=torch.float64)
-    ramp = torch.exp(math.log(2.0) + x / 31 * math.log(20.0)).float().expand(1, 32, 32)
-    back = ldmseg.decode_depth(ldmseg.encode_depth(ramp, 8, rng, 4)[0], rng, (32, 32))
-    assert torch.allclose(back[..., 4:28], ramp[..., 4:28], rtol=1e-4)
-    # Out-of-range depths are clamped; unknown pixels (0) are left out of their cell's mean.
+    # Depth constant on each 4 x 4 sub-cell (half a latent cell) comes back exactly, and channel c
+    # of a cell is its sub-cell c in row-major order (pixel_unshuffle).
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.exp(torch.rand(2, 8, 8, generator=g) * math.log(60.0))  # (2, 8, 8) in 1..60 m
+    blocky = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)        # (2, 32, 32)
+    z, _ = ldmseg.encode_depth(blocky, 8, rng, 4)
+    assert torch.allclose(ldmseg.decode_depth(z, rng, (32, 32)), blocky, rtol=1e-4)
+    assert torch.allclose(ldmseg.unit_to_depth(z[:, 1, 0, 0], rng), coarse[:, 0, 1], rtol=1e-4)
+    assert torch.allclose(ldmseg.unit_to_depth(z[:, 2, 0, 0], rng), coarse[:, 1, 0], rtol=1e-4)
+    # An edge inside a sub-cell: the sub-cell takes its majority side's depth, not a blend.
+    edge = torch.full((1, 8, 8), 60.0)
+    edge[:, :, :3] = 2.0                                                    # 3 of the left sub-cells' 4 columns near
+    back = ldmseg.decode_depth(ldmseg.encode_depth(edge, 8, rng, 4)[0], rng, (8, 8))
+    assert torch.allclose(back[:, :, :4], torch.full((1, 8, 4), 2.0), rtol=1e-4)
+    assert torch.allclose(back[:, :, 4:], torch.full((1, 8, 4), 60.0), rtol=1e-4)
+    # Out-of-range depths are clamped; unknown pixels (0) are left out of the median, a sub-cell with
+    # none known takes its cell's, and a cell with none known is invalid.
     assert ldmseg.decode_depth(ldmseg.encode_depth(torch.full((1, 8, 8), 500.0), 8, rng, 4)[0], rng, (8, 8)).max() == pytest.approx(64.0)
     half = torch.full((1, 8, 8), 4.0)
-    half[:, :4] = 0
+    half[:, :, :4] = 0
     z, valid = ldmseg.encode_depth(half, 8, rng, 4)
-    assert valid.item() == 1 and ldmseg.decode_depth(z, rng, (8, 8)).mean().item() == pytest.approx(4.0, rel=1e-5)
+    assert valid.item() == 1 and torch.allclose(ldmseg.decode_depth(z, rng, (8, 8)), torch.full((1, 8, 8), 4.0), rtol=1e-5)
     assert ldmseg.encode_depth(torch.zeros(1, 8, 8), 8, rng, 4)[1].item() == 0
+    with pytest.raises(ValueError, match="square number"):
+        ldmseg.encode_depth(flat, 8, rng, 3)
 
 
 # ----------------------------------------------------------------------------- merge rule
