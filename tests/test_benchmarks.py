@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: MIT
-"""Smoke test of benchmarks/speed.py: it runs at the tiny preset and prints every section (no timing claims)."""
+"""Benchmarks: speed.py runs at the tiny preset and prints every section (no timing claims); the mask
+decoder's resolution ceiling is exact where it must be."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import speed  # noqa: E402  (benchmarks/ is not a package; its folder is put on the path just above)
+import mask_ae_ceiling  # noqa: E402  (benchmarks/ is not a package; its folder is put on the path just above)
+import speed  # noqa: E402
+import torch  # noqa: E402
 
 
 def test_speed_cli_at_tiny_prints_training_sampling_and_pq_rows(capsys):
@@ -20,3 +23,21 @@ def test_speed_cli_at_tiny_prints_training_sampling_and_pq_rows(capsys):
     assert "process peak RSS" in out
     assert "ddim" in rows and "dpm++" in rows
     assert "pairs/s" in out
+
+
+def test_resolution_ceiling_is_exact_for_maps_constant_on_its_blocks_and_not_otherwise():
+    g = torch.Generator().manual_seed(0)
+    blocky = torch.randint(0, 16, (1, 4, 4), generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert torch.equal(mask_ae_ceiling.pooled_logits(blocky, 2, 16).argmax(1), blocky)       # (1, 8, 8)
+    fine = torch.randint(0, 16, (1, 8, 8), generator=g)
+    assert torch.equal(mask_ae_ceiling.pooled_logits(fine, 1, 16).argmax(1), fine)
+    assert not torch.equal(mask_ae_ceiling.pooled_logits(fine, 2, 16).argmax(1), fine)
+
+
+def test_resolution_ceiling_cli_scores_a_tiny_shapes_val(tiny_runs, capsys):
+    _, shapes = tiny_runs
+    mask_ae_ceiling.main(["--data", str(shapes), "--factors", "1,2", "--size", "32"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    pq = {(r[0], r[1]): float(r[3]) for r in rows}
+    assert set(pq) == {(f"H/{f}", k) for f in (1, 2) for k in ("thresholds", "argmax")}
+    assert pq["H/1", "argmax"] == 100.0 and pq["H/2", "argmax"] <= 100.0
