@@ -1223,6 +1223,7 @@ class LDMSegConfig:
     tasks: tuple[str, ...] = ()                        # multi-task: names from TASKS, one learned embedding each; () = one task  [PAPER §6]
     task_tokens: int = 1                               # multi-task: context tokens per task (cross-attention keys)  [PAPER: 1 embedding]
     depth_range: tuple[float, float] = (1.0, 64.0)     # multi-task: depths (m) mapped to -1 / +1 on a log scale  [ours; Shapes 1-60 m]
+    depth_subcells: int = 1                            # multi-task: s x s depth medians per latent cell, s in {1, 2}  [ours; section 10]
 
     def __post_init__(self):
         # Checkpoints store configs as plain dicts: rebuild the nested configs from them.
@@ -1511,24 +1512,27 @@ def load_ldmseg(ckpt: dict, use_ema: bool = True) -> LDMSeg:
 #             AE mean x b s_t
 #   semantic  the category-id map itself (no remap: the id is     argmax of the mask AE's 2^K logits
 #             the meaning) -> bits -> the same frozen mask AE     (no thresholds: every pixel has a class)
-#   depth     log depth in [-1, 1]: the median of each of the     sub-cells back in place (pixel
-#             2 x 2 sub-cells of a cell on its 4 channels, x b     shuffle) -> nearest x f/2 -> exp
+#   depth     log depth in [-1, 1]: the median of each cell,      channel mean -> nearest x f -> exp
+#             repeated on the 4 channels, x b                      (s = 2: pixel shuffle, nearest x f/2)
 #
 # Semantic: the mask AE was trained on arbitrary ids, so it encodes any map with ids <= 2^K - 1 --
 # Shapes' 9 categories fit its 4 bits; COCO's ids reach 200 and need an 8-bit AE (the 7-bit coco AE
 # holds 127, so the multi-task stage refuses it).
-# Depth enters directly, not through an autoencoder of its own: the encoding needs no training and
-# is exact at half the latent cell (4 px at f = 8). Each cell's 4 channels hold the median log depth
-# of its 4 sub-cells (pixel_unshuffle), decoded by nearest upsampling. Measured as a round trip on
-# 1,000 Shapes train depth maps (delta < 1.25 / AbsRel): a mean over the whole cell repeated on the 4
-# channels, decoded bilinearly, caps delta at 0.83 / 0.17, below the 0.9 a model should reach; 2 x 2
-# sub-cell means, bilinear, 0.90 / 0.09; sub-cell medians, nearest, 0.98 / 0.13 (ours). The failures
-# are at depth edges -- a thing 3 m away in front of the 60 m sky -- where any blend of the two
-# depths is wrong for both; a median keeps the majority side's depth. Log depth because AbsRel and
-# delta < 1.25 are relative errors: a fixed error in log depth is a fixed relative error, whereas a
-# linear scale would spend the range on the far sky and leave things at 1-3 m a few hundredths
-# apart. b (signal_scale) scales it as it scales the map latents, so every task sees the same SNR
-# schedule.
+# Depth enters directly, not through an autoencoder of its own: the encoding needs no training. Each
+# latent cell holds the median log depth of its pixels on all 4 channels, decoded by the channel mean
+# and nearest upsampling (depth_subcells = 1, the default); or (depth_subcells = 2) the medians of its
+# 2 x 2 sub-cells, one per channel (pixel_unshuffle), exact at half a cell. Round trips on 1,000 Shapes
+# train depth maps, delta < 1.25 / AbsRel: one mean per cell decoded bilinearly, our first encoding,
+# 0.83 / 0.17, below the 0.9 a model should reach; one median per cell, nearest, 0.96 / 0.30; 2 x 2
+# sub-cell medians, nearest, 0.98 / 0.13. The failures are at depth edges -- a thing 3 m away in front
+# of the 60 m sky -- where any blend of the two depths is wrong for both; a median keeps the majority
+# side's depth. The default is the coarser one because a model trained for minutes is noisy: the 4
+# copies are denoised with independent noises and averaged at decoding, while 4 sub-cells pass each
+# channel's error straight to the pixels (on Shapes, delta < 1.25 of the `shapes` multi-task model:
+# README). Log depth because AbsRel and delta < 1.25 are relative errors: a fixed error in log depth
+# is a fixed relative error, whereas a linear scale would spend the range on the far sky and leave
+# things at 1-3 m a few hundredths apart. b (signal_scale) scales it as it scales the map latents, so
+# every task sees the same SNR schedule.
 #
 # Task sampling: every training sample gets a task drawn uniformly from config.tasks by the step's
 # generator (independent per sample), so each batch mixes tasks and each task has 1/3 of the
@@ -1579,36 +1583,41 @@ def unit_to_depth(u: Tensor, depth_range: tuple[float, float]) -> Tensor:
     return torch.exp(lo + (u.clamp(-1.0, 1.0) + 1.0) / 2.0 * (hi - lo))
 
 
-def encode_depth(depth: Tensor, factor: int, depth_range: tuple[float, float], channels: int) -> tuple[Tensor, Tensor]:
+def encode_depth(depth: Tensor, factor: int, depth_range: tuple[float, float], channels: int,
+                 subcells: int = 1) -> tuple[Tensor, Tensor]:
     """depth (B, H, W) metres, 0 = unknown -> latent (B, C, H/f, W/f) in [-1, 1] and valid (B, 1, H/f, W/f).
 
-    Each latent cell (f x f pixels) is split into s x s sub-cells, s^2 = C; channel c of the cell holds
-    the median log depth of the known pixels of sub-cell c (row-major, as pixel_unshuffle). A sub-cell
-    with no known pixel takes its cell's median; a cell with none is 0 and invalid (masked like void).
-    Median (torch's: the lower middle value): a sub-cell straddling a depth edge keeps the depth of
-    its majority side instead of a blend that belongs to neither surface.
+    Each latent cell (f x f pixels) is split into s x s sub-cells (s = subcells); each sub-cell's value
+    is the median log depth of its known pixels, laid out on s^2 channels (row-major, as pixel_unshuffle)
+    and repeated C / s^2 times. A sub-cell with no known pixel takes its cell's median; a cell with none
+    is 0 and invalid (masked like void). Median (torch's: the lower middle value): a (sub-)cell
+    straddling a depth edge keeps the depth of its majority side instead of a blend of both.
     """
-    s = math.isqrt(channels)
-    if s * s != channels or factor % s:
-        raise ValueError(f"depth needs a square number of latent channels dividing the cell: {channels} channels, "
-                         f"{factor} px cells")
+    s = subcells
+    if s < 1 or channels % (s * s) or factor % s:
+        raise ValueError(f"depth sub-cells: {s} x {s} must divide the {channels} latent channels and the {factor} px cell")
     B, H, W = depth.shape
     u = depth_to_unit(depth, depth_range).masked_fill(depth <= 0, float("nan"))   # unknown -> NaN
-    sub = factor // s                                                     # sub-cell side in pixels
-    blocks = u.reshape(B, H // sub, sub, W // sub, sub).permute(0, 1, 3, 2, 4)   # (B, H/sub, W/sub, sub, sub)
-    subcell = blocks.flatten(-2).nanmedian(-1).values                     # (B, H/sub, W/sub), NaN if unknown
-    cells = u.reshape(B, H // factor, factor, W // factor, factor).permute(0, 1, 3, 2, 4)
-    cell = cells.flatten(-2).nanmedian(-1).values                         # (B, h, w), NaN if all unknown
-    cell_up = cell.repeat_interleave(s, 1).repeat_interleave(s, 2)       # (B, H/sub, W/sub)
-    subcell = torch.where(subcell.isnan(), cell_up, subcell).nan_to_num(0.0)
-    z = F.pixel_unshuffle(subcell[:, None], s)                            # (B, 1, sh, sw) -> (B, C, h, w)
+
+    def medians(side: int) -> Tensor:                                     # (B, H/side, W/side), NaN if none known
+        blocks = u.reshape(B, H // side, side, W // side, side).permute(0, 1, 3, 2, 4)
+        return blocks.flatten(-2).nanmedian(-1).values
+
+    cell = medians(factor)                                                # (B, h, w)
+    sub = medians(factor // s)                                            # (B, s h, s w)
+    sub = torch.where(sub.isnan(), cell.repeat_interleave(s, 1).repeat_interleave(s, 2), sub).nan_to_num(0.0)
+    z = F.pixel_unshuffle(sub[:, None], s)                                # (B, 1, s h, s w) -> (B, s^2, h, w)
+    z = z.repeat(1, channels // (s * s), 1, 1)                            # (B, C, h, w)
     return z.contiguous(), (~cell.isnan()).float()[:, None]              # (B, C, h, w), (B, 1, h, w)
 
 
-def decode_depth(z: Tensor, depth_range: tuple[float, float], size: tuple[int, int]) -> Tensor:
-    """Latent (B, C, h, w) in [-1, 1] -> depth (B, *size) metres: sub-cells back in place, nearest up, exp."""
-    u = F.pixel_shuffle(z.float(), math.isqrt(z.shape[1]))               # (B, C, h, w) -> (B, 1, sh, sw)
-    u = F.interpolate(u, size=size, mode="nearest")                      # (B, 1, H, W)
+def decode_depth(z: Tensor, depth_range: tuple[float, float], size: tuple[int, int], subcells: int = 1) -> Tensor:
+    """Latent (B, C, h, w) in [-1, 1] -> depth (B, *size) metres: the C / s^2 copies averaged, the
+    sub-cells put back in place (pixel_shuffle), nearest upsampling, exp."""
+    B, C, h, w = z.shape
+    s = subcells
+    u = z.float().reshape(B, C // (s * s), s * s, h, w).mean(1)          # (B, s^2, h, w)
+    u = F.interpolate(F.pixel_shuffle(u, s), size=size, mode="nearest")  # (B, 1, s h, s w) -> (B, 1, H, W)
     return unit_to_depth(u[:, 0], depth_range)
 
 
@@ -1636,7 +1645,7 @@ def _depth_latent(model: LDMSeg, targets: dict, generator) -> tuple[Tensor, Tens
         raise ValueError("the depth task needs depth maps: the dataset has no depth/<split>/ folder")
     c = model.config
     z, valid = encode_depth(targets["depth"], model.mask_ae.downsample_factor, c.depth_range,
-                            c.mask_ae.latent_channels)
+                            c.mask_ae.latent_channels, c.depth_subcells)
     return z * c.signal_scale, valid
 
 
@@ -1647,7 +1656,7 @@ def _decode_semantic(model: LDMSeg, z0: Tensor, size: tuple[int, int]) -> Tensor
 
 def _decode_depth(model: LDMSeg, z0: Tensor, size: tuple[int, int]) -> Tensor:
     """Depth latent (B, 4, h, w) -> depth (B, *size) float32 metres."""
-    return decode_depth(z0 / model.config.signal_scale, model.config.depth_range, size)
+    return decode_depth(z0 / model.config.signal_scale, model.config.depth_range, size, model.config.depth_subcells)
 
 
 # task -> (its training latent and validity, its decoder): the one place that lists what a task is.

@@ -117,6 +117,7 @@ class TrainConfig:
     mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
     prediction: str = ""             # stage 2 / multitask: the UNet's output, eps (min-SNR weighted, LDMSeg) | x0 (unweighted); "" = the preset's
     signal_scale: float = 0.0        # stage 2 / multitask: b, the diffusion sees b x the unit-variance mask latent; 0 = the preset's
+    depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
@@ -202,6 +203,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--prediction takes eps or x0 and belongs to --stage 2 / all / multitask, got {cfg.prediction!r}")
     if cfg.signal_scale and (cfg.stage not in ("2", "multitask") or cfg.signal_scale < 0):
         raise SystemExit(f"--signal-scale takes a positive b and belongs to --stage 2 / all / multitask, got {cfg.signal_scale}")
+    if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
+        raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
     if cfg.patch_factor not in (0, 1, 2, 4):
         raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
@@ -1148,7 +1151,10 @@ class MultiTaskStage(LDMSegStage):
 
     def base_config(self) -> "ldmseg.LDMSegConfig":
         import ldmseg
-        return ldmseg.multitask_config(self.cfg.preset)
+        config = ldmseg.multitask_config(self.cfg.preset)
+        if self.cfg.depth_subcells:
+            config.depth_subcells = self.cfg.depth_subcells
+        return config
 
     def datasets(self) -> tuple[data.PanopticDataset, data.PanopticDataset]:
         """Stage 2's datasets, checked for what the tasks need: depth maps, category ids the mask AE holds."""

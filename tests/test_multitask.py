@@ -12,6 +12,7 @@ import data
 import evaluate
 import ldmseg
 import sample
+import train
 
 CATEGORIES = data.shapes_categories()          # things 1..5 (circle ... hexagon), stuff 6..9 (sky ... sand)
 
@@ -86,37 +87,51 @@ def test_task_latents_use_each_samples_own_target(tiny_multitask):
 
 # ----------------------------------------------------------------------------- depth encoding
 
-def test_depth_round_trips_through_the_direct_encoding():
-    rng = (1.0, 64.0)
+@pytest.mark.parametrize("subcells", [1, 2])
+def test_depth_round_trips_through_the_direct_encoding(subcells):
+    rng, side = (1.0, 64.0), 8 // subcells                                  # side: pixels per sub-cell
+    code = lambda d: ldmseg.encode_depth(d, 8, rng, 4, subcells)
+    back = lambda z, size: ldmseg.decode_depth(z, rng, size, subcells)
     flat = torch.full((1, 32, 32), 7.5)
-    z, valid = ldmseg.encode_depth(flat, 8, rng, 4)
+    z, valid = code(flat)
     assert z.shape == (1, 4, 4, 4) and bool(valid.all())
-    assert torch.allclose(ldmseg.decode_depth(z, rng, (32, 32)), flat, rtol=1e-5)
-    # Depth constant on each 4 x 4 sub-cell (half a latent cell) comes back exactly, and channel c
-    # of a cell is its sub-cell c in row-major order (pixel_unshuffle).
+    assert torch.allclose(back(z, (32, 32)), flat, rtol=1e-5)
+    # Depth constant on each sub-cell comes back exactly; the 4 channels hold the sub-cells in
+    # row-major order (pixel_unshuffle), or 4 copies of the cell's median when s = 1.
     g = torch.Generator().manual_seed(0)
-    coarse = torch.exp(torch.rand(2, 8, 8, generator=g) * math.log(60.0))  # (2, 8, 8) in 1..60 m
-    blocky = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)        # (2, 32, 32)
-    z, _ = ldmseg.encode_depth(blocky, 8, rng, 4)
-    assert torch.allclose(ldmseg.decode_depth(z, rng, (32, 32)), blocky, rtol=1e-4)
-    assert torch.allclose(ldmseg.unit_to_depth(z[:, 1, 0, 0], rng), coarse[:, 0, 1], rtol=1e-4)
-    assert torch.allclose(ldmseg.unit_to_depth(z[:, 2, 0, 0], rng), coarse[:, 1, 0], rtol=1e-4)
-    # An edge inside a sub-cell: the sub-cell takes its majority side's depth, not a blend.
+    coarse = torch.exp(torch.rand(2, 32 // side, 32 // side, generator=g) * math.log(60.0))
+    blocky = coarse.repeat_interleave(side, 1).repeat_interleave(side, 2)   # (2, 32, 32)
+    z, _ = code(blocky)
+    assert torch.allclose(back(z, (32, 32)), blocky, rtol=1e-4)
+    assert torch.allclose(ldmseg.unit_to_depth(z[:, 1, 0, 0], rng), coarse[:, 0, subcells - 1], rtol=1e-4)
+    assert torch.allclose(ldmseg.unit_to_depth(z[:, 2, 0, 0], rng), coarse[:, subcells - 1, 0], rtol=1e-4)
+    # The decoder averages the copies: noise on one copy moves the depth by a quarter of it (s = 1).
+    if subcells == 1:
+        noisy = code(flat)[0]
+        noisy[:, 0] += 0.4
+        assert torch.allclose(ldmseg.depth_to_unit(back(noisy, (32, 32)), rng),
+                              ldmseg.depth_to_unit(flat, rng) + 0.1, atol=1e-4)
+    # An edge inside a (sub-)cell: it takes its majority side's depth, not a blend of both.
     edge = torch.full((1, 8, 8), 60.0)
-    edge[:, :, :3] = 2.0                                                    # 3 of the left sub-cells' 4 columns near
-    back = ldmseg.decode_depth(ldmseg.encode_depth(edge, 8, rng, 4)[0], rng, (8, 8))
-    assert torch.allclose(back[:, :, :4], torch.full((1, 8, 4), 2.0), rtol=1e-4)
-    assert torch.allclose(back[:, :, 4:], torch.full((1, 8, 4), 60.0), rtol=1e-4)
+    edge[:, :, :side - 1] = 2.0                                             # all but one column near
+    out = back(code(edge)[0], (8, 8))
+    assert torch.allclose(out[:, :, :side], torch.full((1, 8, side), 2.0), rtol=1e-4)
+    assert torch.allclose(out[:, :, side:], torch.full((1, 8, 8 - side), 60.0), rtol=1e-4)
     # Out-of-range depths are clamped; unknown pixels (0) are left out of the median, a sub-cell with
     # none known takes its cell's, and a cell with none known is invalid.
-    assert ldmseg.decode_depth(ldmseg.encode_depth(torch.full((1, 8, 8), 500.0), 8, rng, 4)[0], rng, (8, 8)).max() == pytest.approx(64.0)
+    assert back(code(torch.full((1, 8, 8), 500.0))[0], (8, 8)).max() == pytest.approx(64.0)
     half = torch.full((1, 8, 8), 4.0)
     half[:, :, :4] = 0
-    z, valid = ldmseg.encode_depth(half, 8, rng, 4)
-    assert valid.item() == 1 and torch.allclose(ldmseg.decode_depth(z, rng, (8, 8)), torch.full((1, 8, 8), 4.0), rtol=1e-5)
-    assert ldmseg.encode_depth(torch.zeros(1, 8, 8), 8, rng, 4)[1].item() == 0
-    with pytest.raises(ValueError, match="square number"):
-        ldmseg.encode_depth(flat, 8, rng, 3)
+    z, valid = code(half)
+    assert valid.item() == 1 and torch.allclose(back(z, (8, 8)), torch.full((1, 8, 8), 4.0), rtol=1e-5)
+    assert code(torch.zeros(1, 8, 8))[1].item() == 0
+
+
+def test_depth_subcells_must_divide_the_channels_and_the_cell():
+    with pytest.raises(ValueError, match="sub-cells"):
+        ldmseg.encode_depth(torch.ones(1, 8, 8), 8, (1.0, 64.0), 4, subcells=3)
+    with pytest.raises(SystemExit, match="depth-subcells"):
+        train.main(["--stage", "2", "--depth-subcells", "2", "--preset", "tiny"])
 
 
 # ----------------------------------------------------------------------------- merge rule
