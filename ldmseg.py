@@ -1604,7 +1604,7 @@ def encode_depth(depth: Tensor, factor: int, depth_range: tuple[float, float], c
         return blocks.flatten(-2).nanmedian(-1).values
 
     cell = medians(factor)                                                # (B, h, w)
-    sub = medians(factor // s)                                            # (B, s h, s w)
+    sub = cell if s == 1 else medians(factor // s)                        # (B, s h, s w)
     sub = torch.where(sub.isnan(), cell.repeat_interleave(s, 1).repeat_interleave(s, 2), sub).nan_to_num(0.0)
     z = F.pixel_unshuffle(sub[:, None], s)                                # (B, 1, s h, s w) -> (B, s^2, h, w)
     z = z.repeat(1, channels // (s * s), 1, 1)                            # (B, C, h, w)
