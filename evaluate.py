@@ -743,7 +743,7 @@ def _model_and_split(args: argparse.Namespace, kind: str, stage: str = "2"):
     device = train.pick_device(args.device)
     ckpt = train.load_checkpoint(args.ckpt, stage)
     with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
-        model = ldmseg.load_ldmseg(ckpt)
+        model = ldmseg.load_ldmseg(ckpt, time_shift=args.time_shift)
     model = model.to(device)
     cfg = ckpt["config"]
     ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
@@ -1695,6 +1695,7 @@ def run_cogen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sample import time_shift_arg
     p = argparse.ArgumentParser(description="Panoptic quality of COCO-format predictions "
                                 "(panopticapi semantics), or of a trained model: LDMSeg PQ, the inpainting "
                                 "curve, PDM co-generation metrics (MCD, caption agreement, consistency, FID).",
@@ -1733,6 +1734,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=None,
                    help="sampling steps; None = 50 for panoptic / inpaint, the checkpoint's for cogen")
     c.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
+    c.add_argument("--time-shift", type=time_shift_arg, default=None,
+                   help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); default: the "
+                        "checkpoint's (shapes x0 runs: 300; 0 = none)")
     c.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     c.add_argument("--out-dir", default="",
                    help="where outputs go; default: <run>/{eval,inpaint,cogen}_<split>_<sampler><steps>")

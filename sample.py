@@ -895,6 +895,15 @@ def gaussian_flow(z: Tensor, t_from: int, t_to: int, mu, std, schedule: NoiseSch
 # The models live downstream of this file (ldmseg.py imports it), so main() imports them late.
 
 
+def time_shift_arg(text: str) -> int:
+    """argparse type of --time-shift: a whole number of training steps, 0..999."""
+    import argparse
+    value = int(text)
+    if not 0 <= value < 1000:
+        raise argparse.ArgumentTypeError(f"takes 0..999 (training steps added to t), got {value}")
+    return value
+
+
 def build_parser() -> "argparse.ArgumentParser":
     import argparse
     p = argparse.ArgumentParser(description="Sample a trained model: segment images (LDMSeg) or co-generate "
@@ -936,6 +945,9 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--save-trajectory", action="store_true",
                    help="also write a strip of the decoded map at 8 points of the denoising")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights, not their EMA")
+    p.add_argument("--time-shift", type=time_shift_arg, default=None,
+                   help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); "
+                        "default: the checkpoint's (shapes x0 runs: 300; 0 = none)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda")
     return p
 
@@ -1191,7 +1203,7 @@ def multitask_images(args, device) -> Path:
         raise SystemExit(f"{args.ckpt}: mask inpainting needs a stage-2 checkpoint (train.py --stage 2)")
     ckpt = train.load_checkpoint(args.ckpt, "multitask")
     with train.weights_must_fit(args.ckpt):
-        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights).to(device)
+        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights, time_shift=args.time_shift).to(device)
     categories = ckpt["categories"]
     names = {c["id"]: c["name"] for c in categories}
     tasks = ("instance", "semantic") if args.task == "panoptic" else (args.task,)
@@ -1258,7 +1270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ckpt = train.load_checkpoint(args.ckpt, "2")
     with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
-        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights)
+        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights, time_shift=args.time_shift)
     model = model.to(device)
     try:
         if args.task == "inpaint":

@@ -117,6 +117,7 @@ class TrainConfig:
     mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
     prediction: str = ""             # stage 2 / multitask: the UNet's output, eps (min-SNR weighted, LDMSeg) | x0 (unweighted); "" = the preset's
     signal_scale: float = 0.0        # stage 2 / multitask: b, the diffusion sees b x the unit-variance mask latent; 0 = the preset's
+    time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
@@ -203,6 +204,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--prediction takes eps or x0 and belongs to --stage 2 / all / multitask, got {cfg.prediction!r}")
     if cfg.signal_scale and (cfg.stage not in ("2", "multitask") or cfg.signal_scale < 0):
         raise SystemExit(f"--signal-scale takes a positive b and belongs to --stage 2 / all / multitask, got {cfg.signal_scale}")
+    if cfg.time_shift != -1 and (cfg.stage not in ("2", "multitask") or not 0 <= cfg.time_shift < 1000):
+        raise SystemExit(f"--time-shift takes 0..999 and belongs to --stage 2 / all / multitask, got {cfg.time_shift}")
     if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
         raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
     if cfg.patch_factor not in (0, 1, 2, 4):
@@ -1092,6 +1095,10 @@ class LDMSegStage(LatentStage):
             self.mcfg.prediction = self.cfg.prediction
         if self.cfg.signal_scale:
             self.mcfg.signal_scale = self.cfg.signal_scale
+        if self.cfg.time_shift >= 0:
+            self.mcfg.time_shift = self.cfg.time_shift
+        elif self.mcfg.prediction != self.base_config().prediction:
+            self.mcfg.time_shift = 0              # the preset's shift was chosen for its own output type
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
         self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen

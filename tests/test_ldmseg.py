@@ -119,27 +119,33 @@ def test_sampling_with_self_conditioning_feeds_each_call_the_previous_estimate(t
 class _Oracle(torch.nn.Module):
     """A denoiser that knows the answer: outputs the true x0 (or the eps that leads to it) for any z_t."""
 
-    def __init__(self, model, z0, prediction):
+    def __init__(self, model, z0, prediction, time_shift=0):
         import dataclasses
         super().__init__()
-        self.config = dataclasses.replace(model.config, prediction=prediction)
+        self.config = dataclasses.replace(model.config, prediction=prediction, time_shift=time_shift)
         self.schedule, self.z0 = model.schedule, z0
-        self.x0_selfs = []
+        self.x0_selfs, self.ts = [], []
 
     def forward(self, z_t, t, z_image, x0_self=None):
         self.x0_selfs.append(x0_self)
+        self.ts.append(int(t[0]))
         if self.config.prediction == "x0":
             return self.z0.expand_as(z_t)
         return sample.predict_eps_from_x0(z_t, t, self.z0.expand_as(z_t), self.schedule)
 
 
+@pytest.mark.parametrize("time_shift", [0, 300])
 @pytest.mark.parametrize("prediction", ["eps", "x0"])
-def test_sampling_reads_the_unet_output_as_its_configured_prediction(tiny_model, prediction):
+def test_sampling_reads_the_unet_output_as_its_configured_prediction(tiny_model, prediction, time_shift):
     """With an oracle in either parameterisation, DDIM returns the true latent and every
-    self-condition after the first is that latent: the output is read as eps or x0 as configured."""
+    self-condition after the first is that latent: the output is read as eps or x0 as configured.
+    With a time shift the oracle's eps is exact only at the time it is told (t + shift), so reading
+    it at the state's own t would miss the true latent."""
     z0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    oracle = _Oracle(tiny_model, z0, prediction)
+    oracle = _Oracle(tiny_model, z0, prediction, time_shift)
     out = ldmseg.sample_latent(oracle, torch.zeros(1, 4, 4, 4), steps=5, generator=torch.Generator().manual_seed(0))
+    grid = sample.make_timesteps(1000, 5, "trailing").tolist()                # 999, 799, ..., 199
+    assert oracle.ts == [min(t + time_shift, 999) for t in grid]
     torch.testing.assert_close(out, z0, atol=1e-4, rtol=0)
     assert oracle.x0_selfs[0] is None
     for x0_self in oracle.x0_selfs[1:]:
@@ -175,11 +181,16 @@ def test_train_stage2_reports_pq_for_both_samplers(stage2_run):
     assert (root / "s2" / "val_ddim3" / "grid.png").exists()
 
 
-def test_sample_cli_writes_maps_overlays_trajectory_and_coco_predictions(stage2_run, tmp_path):
+def test_sample_cli_writes_maps_overlays_trajectory_and_coco_predictions(stage2_run, tmp_path, monkeypatch):
     root, shapes, _ = stage2_run
     img = next((shapes / "val").iterdir())
+    shifts, load = [], ldmseg.load_ldmseg
+    monkeypatch.setattr(ldmseg, "load_ldmseg", lambda *a, **kw: shifts.append(kw["time_shift"]) or load(*a, **kw))
     sample.main(["--task", "panoptic", "--ckpt", str(root / "s2"), "--image", str(img), "--steps", "4",
-                 "--out-dir", str(tmp_path), "--save-trajectory", "--device", "cpu"])
+                 "--out-dir", str(tmp_path), "--save-trajectory", "--device", "cpu", "--time-shift", "100"])
+    assert shifts == [100]
+    with pytest.raises(SystemExit):
+        sample.build_parser().parse_args(["--ckpt", "x", "--time-shift", "-1"])
     stem = img.stem
     for suffix in ("_color.png", "_overlay.png", "_trajectory.png"):
         assert (tmp_path / f"{stem}{suffix}").exists()
@@ -231,14 +242,36 @@ def test_stage2_starts_from_stable_diffusion_weights_in_both_layouts(stage2_run,
 def test_prediction_and_signal_scale_flags_reach_the_model_its_checkpoint_rebuilds(tiny_runs, tmp_path):
     import train
     root, shapes = tiny_runs
-    metrics = train.main(["--stage", "2", "--prediction", "x0", "--signal-scale", "0.2", "--preset", "tiny", "--data", str(shapes),
+    metrics = train.main(["--stage", "2", "--prediction", "x0", "--signal-scale", "0.2", "--time-shift", "40",
+                          "--preset", "tiny", "--data", str(shapes),
                           "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--out-dir", str(tmp_path),
                           "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2",
                           "--eval-images", "1", "--log-every", "2"])
     assert 0.0 <= metrics["pq_ddim3"] <= 1.0
     config = ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt")).config
-    assert config.prediction == "x0" and config.signal_scale == 0.2
+    assert config.prediction == "x0" and config.signal_scale == 0.2 and config.time_shift == 40
+    assert ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt"), time_shift=0).config.time_shift == 0
+    with pytest.raises(ValueError, match="time_shift"):
+        ldmseg.LDMSegConfig(time_shift=1000)
     for bad in (["--stage", "2", "--prediction", "v"], ["--stage", "vae", "--prediction", "x0"],
-                ["--stage", "1", "--signal-scale", "0.2"], ["--stage", "2", "--signal-scale", "-1"]):
-        with pytest.raises(SystemExit, match="--prediction|--signal-scale"):
+                ["--stage", "1", "--signal-scale", "0.2"], ["--stage", "2", "--signal-scale", "-1"],
+                ["--stage", "2", "--time-shift", "1000"], ["--stage", "1", "--time-shift", "5"]):
+        with pytest.raises(SystemExit, match="--prediction|--signal-scale|--time-shift"):
             train.main(bad)
+
+
+def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, tmp_path, monkeypatch):
+    """The preset's shift was chosen for its own recipe (shapes: x0); --prediction eps must not
+    inherit it (an eps output read at a later t fails, ldmseg.py section 8), unless asked for."""
+    import dataclasses
+    import train
+    root, shapes = tiny_runs
+    preset = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0", time_shift=300)
+    monkeypatch.setattr(train.LDMSegStage, "base_config", lambda self: preset)
+    common = ["--stage", "2", "--preset", "tiny", "--data", str(shapes), "--image-vae", str(root / "vae"),
+              "--mask-ae", str(root / "s1"), "--num-workers", "0", "--preview-every", "0", "--device", "cpu",
+              "--max-steps", "1", "--eval-images", "1", "--log-every", "1"]
+    for extra, expected in ((["--prediction", "eps"], 0), ([], 300), (["--prediction", "eps", "--time-shift", "7"], 7)):
+        out = tmp_path / str(expected)
+        train.main(common + extra + ["--out-dir", str(out)])
+        assert ldmseg.load_ldmseg(train.load_checkpoint(out / "ckpt.pt")).config.time_shift == expected

@@ -257,5 +257,5 @@ def test_a_stage2_checkpoint_cannot_answer_the_depth_task(tiny_runs, tmp_path):
 
 def test_shapes_multitask_keeps_the_measured_eps_recipe_while_stage2_predicts_x0():
     stage2, multi = ldmseg.LDMSegConfig.preset("shapes"), ldmseg.multitask_config("shapes")
-    assert (stage2.prediction, stage2.signal_scale) == ("x0", 0.1)
-    assert (multi.prediction, multi.signal_scale) == ("eps", 0.3)
+    assert (stage2.prediction, stage2.signal_scale, stage2.time_shift) == ("x0", 0.1, 300)
+    assert (multi.prediction, multi.signal_scale, multi.time_shift) == ("eps", 0.3, 0)
