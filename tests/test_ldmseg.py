@@ -239,7 +239,7 @@ def test_stage2_starts_from_stable_diffusion_weights_in_both_layouts(stage2_run,
     assert model.config.image_ae.scale_factor == 0.18215
 
 
-def test_prediction_and_signal_scale_flags_reach_the_model_its_checkpoint_rebuilds(tiny_runs, tmp_path):
+def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkpoint_rebuilds(tiny_runs, tmp_path):
     import train
     root, shapes = tiny_runs
     metrics = train.main(["--stage", "2", "--prediction", "x0", "--signal-scale", "0.2", "--time-shift", "40",
