@@ -1604,6 +1604,9 @@ def _cogen_model_and_split(args: argparse.Namespace):
     with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
         model = cogen.load_pdm(ckpt)
     model = model.to(device)
+    for name in ("text_scale", "map_scale"):                  # --text-scale / --map-scale: the checkpoint's by default
+        if getattr(args, name, None) is not None:
+            setattr(model.config, name, getattr(args, name))
     if model.config.text_encoder != "words":
         raise SystemExit(f"{args.ckpt}: a context-mode PDM reads precomputed CLIP features, not captions; "
                          f"evaluating it from captions needs a words-mode model")
@@ -1682,9 +1685,11 @@ def run_cogen(args: argparse.Namespace) -> int:
                          seg_steps=args.seg_steps, seg_size=seg_size, inception=inception,
                          min_area=args.min_area or None, pictures=out)
     print(format_cogen(res, c.map_size))
-    print(f"{res['images']} {args.split} captions | {sampler} {steps} steps | {time.time() - t0:.0f}s")
+    print(f"{res['images']} {args.split} captions | {sampler} {steps} steps | text guidance {c.text_scale:g}, "
+          f"map guidance {c.map_scale:g} | {time.time() - t0:.0f}s")
     out.mkdir(parents=True, exist_ok=True)
-    data.write_json(out / "metrics.json", {**res, "sampler": sampler, "steps": steps, "seed": args.seed})
+    data.write_json(out / "metrics.json", {**res, "sampler": sampler, "steps": steps, "seed": args.seed,
+                                           "text_scale": c.text_scale, "map_scale": c.map_scale})
     print(f"metrics.json, grid.png and captions.txt in {out}")
     return 0
 
@@ -1745,6 +1750,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seg-ckpt", default="", help="LDMSeg stage-2 run that segments the generated images for the "
                    "image-map consistency PQ; without it consistency is skipped")
     g.add_argument("--seg-steps", type=int, default=50, help="DDIM steps of that segmentation")
+    g.add_argument("--text-scale", type=float, default=None,
+                   help="text guidance (1 = none); default: the checkpoint's (2, PDM's s = 1)")
+    g.add_argument("--map-scale", type=float, default=None, help="map guidance (1 = none); default: the checkpoint's")
     g.add_argument("--inception", default="", help=f"local {FID_WEIGHTS_FILE} (pytorch-fid's FID-Inception "
                    "weights; never downloaded here) or its folder; without it FID is skipped")
     g.add_argument("--image-vae", default="", help="a --stage vae run to decode the generated latents with; "
@@ -1794,8 +1802,8 @@ def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace):
         if args.sampler == "ddpm":
             parser.error("--task cogen samples with dpm++ or ddim")
         return run_cogen
-    if args.seg_ckpt or args.inception or args.image_vae:
-        parser.error("--seg-ckpt, --inception and --image-vae belong to --ckpt ... --task cogen")
+    if args.seg_ckpt or args.inception or args.image_vae or args.text_scale is not None or args.map_scale is not None:
+        parser.error("--seg-ckpt, --inception, --image-vae, --text-scale and --map-scale belong to --ckpt ... --task cogen")
     if args.ckpt:
         args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
         if _is_multitask_checkpoint(args.ckpt):

@@ -284,11 +284,15 @@ def test_cli_cogen_writes_metrics_and_says_what_it_skipped(shapes, tmp_path, cap
     assert {"mcd", "caption_agreement", "caption_agreement_gt", "consistency_pq"} <= set(metrics)
     assert "fid" not in metrics and metrics["sampler"] == model.config.sampler and metrics["steps"] == 2
     assert (tmp_path / "out" / "grid.png").exists()
-    assert evaluate.main(args + ["--limit", "1", "--image-vae", vae]) == 0   # default folder: <run>/cogen_val_...
-    assert (tmp_path / "cogen" / f"cogen_val_{model.config.sampler}2" / "metrics.json").exists()
+    assert metrics["text_scale"] == model.config.text_scale
+    assert evaluate.main(args + ["--limit", "1", "--image-vae", vae, "--text-scale", "3"]) == 0   # default folder: <run>/cogen_val_...
+    metrics = json.loads((tmp_path / "cogen" / f"cogen_val_{model.config.sampler}2" / "metrics.json").read_text())
+    assert metrics["text_scale"] == 3.0
     out = capsys.readouterr().out
     assert "consistency PQ skipped" in out and "--stage vae run" in out
     assert evaluate.main(args + ["--inception", str(tmp_path / "nowhere.pth")]) == 2
     assert evaluate.FID_WEIGHTS_FILE in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(["--ckpt", seg, "--inception", "x.pth"])          # cogen flags need --task cogen
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", seg, "--text-scale", "3"])
