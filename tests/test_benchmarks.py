@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: MIT
 """Benchmarks: speed.py runs at the tiny preset and prints every section (no timing claims); the mask
-decoder's resolution ceiling is exact where it must be."""
+decoder's resolution ceiling is exact where it must be; the latent probe scores what it says."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import mask_ae_ceiling  # noqa: E402  (benchmarks/ is not a package; its folder is put on the path just above)
+import latent_probe  # noqa: E402  (benchmarks/ is not a package; its folder is put on the path just above)
+import mask_ae_ceiling  # noqa: E402
 import speed  # noqa: E402
 import torch  # noqa: E402
 
@@ -41,3 +42,20 @@ def test_resolution_ceiling_cli_scores_a_tiny_shapes_val(tiny_runs, capsys):
     pq = {(r[0], r[1]): float(r[3]) for r in rows}
     assert set(pq) == {(f"H/{f}", k) for f in (1, 2) for k in ("thresholds", "argmax")}
     assert pq["H/1", "argmax"] == 100.0 and pq["H/2", "argmax"] <= 100.0
+
+
+def test_latent_probe_scores_category_iou_and_any_thing_iou_on_a_hand_made_map():
+    truth = torch.tensor([[[1, 1, 6, 6]]])                 # circle (a thing) | sky (stuff)
+    pred = torch.tensor([[[1, 6, 6, 6]]])                  # half the circle called sky
+    m = latent_probe.score_categories(pred, truth)
+    assert m["circle"] == 0.5 and abs(m["sky"] - 2 / 3) < 1e-6 and m["thing_iou"] == 0.5
+    assert m["square"] == 0.0 and abs(m["miou"] - (0.5 + 2 / 3) / 9) < 1e-6
+
+
+def test_latent_probe_cli_runs_every_input_and_target_on_tiny_shapes(tiny_runs):
+    root, shapes = tiny_runs
+    common = ["--data", str(shapes), "--size", "32", "--steps", "2", "--batch-size", "2"]
+    m = latent_probe.main([*common, "--input", "latent", "--image-vae", str(root / "vae")])
+    assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["thing_iou"] <= 1.0
+    m = latent_probe.main([*common, "--input", "pixels", "--target", "depth"])
+    assert m["n_images"] == 3 and m["abs_rel"] > 0 and 0.0 <= m["delta1"] <= 1.0
