@@ -81,6 +81,7 @@ def probe(in_channels: int, num_classes: int, width: int = 96) -> nn.Module:
 
 
 def logits_at(net: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    """The probe's output (B, C, 2h, 2w), bilinearly resized to the (B, C, size, size) of the targets."""
     return F.interpolate(net(x), size=size, mode="bilinear", align_corners=False)
 
 
@@ -104,6 +105,8 @@ def main(argv=None) -> dict:
     p.add_argument("--train-limit", type=int, default=4000, help="train images used (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's initialisation and batches")
     args = p.parse_args(argv)
+    if args.size % 8 or args.size <= 0:
+        p.error(f"--size must be a positive multiple of 8 (the latent is H/8), got {args.size}")
 
     t0 = time.time()
     x, y = prepare(args)
