@@ -255,7 +255,9 @@ def test_a_stage2_checkpoint_cannot_answer_the_depth_task(tiny_runs, tmp_path):
                      "--out-dir", str(tmp_path), "--device", "cpu"])
 
 
-def test_shapes_multitask_keeps_the_measured_eps_recipe_while_stage2_predicts_x0():
+def test_shapes_multitask_takes_stage2s_recipe_and_coco_the_papers():
     stage2, multi = ldmseg.LDMSegConfig.preset("shapes"), ldmseg.multitask_config("shapes")
     assert (stage2.prediction, stage2.signal_scale, stage2.time_shift) == ("x0", 0.1, 300)
-    assert (multi.prediction, multi.signal_scale, multi.time_shift) == ("eps", 0.3, 0)
+    assert (multi.prediction, multi.signal_scale, multi.time_shift) == ("x0", 0.1, 300)
+    coco = ldmseg.multitask_config("coco")
+    assert (coco.prediction, coco.signal_scale, coco.time_shift) == ("eps", 1.0, 0)
