@@ -1355,7 +1355,12 @@ class LDMSeg(nn.Module):
     def encode_ids(self, ids: Tensor) -> Tensor:
         """ids (B, H, W) int64 (already remapped into 1..2^K-1) -> z_0 = s_t * mean (B, 4, h, w)."""
         bits = ids_to_bits(ids, self.config.mask_ae.num_bits)
-        return self.mask_ae.encode(bits)[0] * self.latent_scale
+        if bits.device.type == "cpu":
+            # Speed only: oneDNN's channels-last convolutions run this frozen encoder, which stage 2 calls on
+            # fresh random ids every step, in 29 ms instead of 45 for a batch of 16 at 128^2 on 2 CPU cores
+            # (same latent to 3e-6). The decoder stays contiguous: there channels-last measured slower.
+            bits = bits.contiguous(memory_format=torch.channels_last)
+        return self.mask_ae.encode(bits)[0].contiguous() * self.latent_scale
 
     @torch.no_grad()
     def decode_latent(self, z0: Tensor, size: tuple[int, int] | None = None) -> Tensor:
