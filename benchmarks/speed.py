@@ -27,7 +27,7 @@ Sizes and batches are train.py's (stage 2 / cogen / stage 1 / vae presets, with 
     this step synchronises with the host, as in training.
   * Image AE: its real loss (vae_loss: L1 + KL).
 Fast paths (section 2): bf16 autocast (--dtype, default bf16 on CUDA, fp32 elsewhere: CPU bf16 is
-slower), --compile, SDPA attention (the models' default), fused AdamW on CUDA (foreach on CPU),
+slower), --compile, SDPA attention (the models' default), fused AdamW on CUDA and CPU (foreach on MPS),
 --channels-last, and no host synchronisation inside a timed step (the CUDA synchronize brackets it).
 FLOPs are counted on the uncompiled model, once, outside the timed steps.
 
@@ -202,8 +202,8 @@ def median_seconds(fn, warmup: int, steps: int, device: torch.device) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW as train.py builds it: the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    """AdamW as train.py builds it: the fused kernel on CUDA and CPU, the multi-tensor (foreach) one elsewhere."""
+    kind = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **kind)
 
 
