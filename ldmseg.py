@@ -1596,9 +1596,10 @@ def multitask_config(name: str) -> LDMSegConfig:
     # DEVIATION (shapes only): stage 2's recipe (x0, b = 0.1, time shift 300; section 8). Measured with the former
     # quick start's autoencoders, 4,500 x 16, 200 val images, DDIM 50: class-aware PQ 29.9 (Stuff 67.2),
     # instance PQ 20.2, mIoU 38.8, depth delta<1.25 0.705, against 22.7, 8.0, 28.6, 0.487 for the paper's eps
-    # at b = 0.3 (no shift), the preset before (README: on the present ones 27.3, 15.7, 40.7, 0.730). The shift is all but neutral for this model: on 100
-    # *train* images (DDIM 20) shifts 0 / 100 / 200 / 300 / 400 give class-aware PQ 30.1 / 30.0 / 29.9 /
-    # 30.2 / 29.9 and delta<1.25 0.694 / 0.703 / 0.706 / 0.706 / 0.705; 300 stays, as for stage 2.
+    # at b = 0.3 (no shift), the preset before (README: on the present ones 27.3, 15.7, 40.7, 0.730). The
+    # shift is all but neutral for this model: on 100 *train* images (DDIM 20) shifts 0 / 100 / 200 / 300 /
+    # 400 give class-aware PQ 30.1 / 30.0 / 29.9 / 30.2 / 29.9 and delta<1.25 0.694 / 0.703 / 0.706 / 0.706 /
+    # 0.705; 300 stays, as for stage 2.
     return dataclasses.replace(base, unet=unet, tasks=TASKS)
 
 
