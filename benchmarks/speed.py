@@ -202,9 +202,9 @@ def median_seconds(fn, warmup: int, steps: int, device: torch.device) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW as train.py builds it: the fused kernel on CUDA and CPU, the multi-tensor (foreach) one elsewhere."""
-    kind = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **kind)
+    """AdamW with train.py's kernel (train.adamw_kernel: fused on CUDA and CPU)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-5, **train.adamw_kernel(device))
 
 
 def train_step_fn(module, loss_fn, opt, device: torch.device, amp: torch.dtype | None):
