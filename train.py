@@ -160,7 +160,8 @@ PRESETS["tiny"]["cogen"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e
                                 eval_images=4, min_word_count=1)
 # Shapes: 2.55 it/s at batch 16 on an idle 2-core CPU (two threads), so 3,500 x 16 = 56k samples
 # (14 epochs) take ~24 min, inside the 30-minute budget. Caption agreement: 0.133 at 1,500 steps,
-# 0.143 and 0.192 in two runs of 3,500 (README, PDM). --two-stream uses this preset too.
+# 0.143 and 0.192 in two runs of 3,500 (README, PDM). --two-stream uses this preset too, at 1.82
+# it/s ~32 min, past that budget: the README compares the two at --max-steps 1500.
 PRESETS["shapes"]["cogen"] = dict(image_size=128, max_steps=3500, batch_size=16, lr=1e-3, warmup_steps=100,
                                   eval_dpm_steps=20, eval_images=100, min_word_count=1)
 # PAPER: PDM's released small config [PDM brief §6.6]: 256^2 images, AdamW 2e-4, wd 0.03, betas
