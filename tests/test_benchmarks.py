@@ -1,13 +1,17 @@
 # SPDX-License-Identifier: MIT
 """Benchmarks: speed.py runs at the tiny preset and prints every section (no timing claims); the mask
-decoder's resolution ceiling is exact where it must be; the latent probe scores what it says."""
+decoder's resolution ceiling is exact where it must be; the latent probe scores what it says; the depth
+ceiling replays Shapes' depth draws exactly and finds the analytic best depth."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import latent_probe  # noqa: E402  (benchmarks/ is not a package; its folder is put on the path just above)
+import data  # noqa: E402
+import depth_ceiling  # noqa: E402  (benchmarks/ is not a package; its folder is put on the path just above)
+import latent_probe  # noqa: E402
 import mask_ae_ceiling  # noqa: E402
 import speed  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -59,3 +63,27 @@ def test_latent_probe_cli_runs_every_input_and_target_on_tiny_shapes(tiny_runs):
     assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["thing_iou"] <= 1.0
     m = latent_probe.main([*common, "--input", "pixels", "--target", "depth"])
     assert m["n_images"] == 3 and m["abs_rel"] > 0 and 0.0 <= m["delta1"] <= 1.0
+
+
+def test_depth_ceiling_replays_the_thing_depths_shapes_renders():
+    for split, index, size in (("val", 0, 32), ("val", 7, 64), ("train", 3, 48)):
+        item = data.render_shapes_item(0, split, index, size)
+        near = depth_ceiling.thing_depths(0, split, index, size)
+        assert np.all(np.diff(near) <= 0) and np.all((near >= 1.0) & (near <= 2.8))
+        thing_mm = set(np.unique(item["depth"][item["depth"] <= 2800]).tolist())
+        assert thing_mm and thing_mm <= set(np.round(near * 1000).tolist())   # every visible thing is a replayed draw
+
+
+def test_depth_ceiling_finds_the_analytic_best_depth_for_one_uniform_draw():
+    best, rate = depth_ceiling.best_depths(2, 20_000, np.random.default_rng(0))
+    # One depth d ~ U(1, 2.8): the best window [c / 1.25, 1.25 c] ends at 2.8, so c = 2.8 / 1.25 and the
+    # hit rate is (2.8 - 2.8 / 1.5625) / 1.8 = 0.56.
+    for key in ((1, 0), "any"):
+        assert abs(best[key] - 2.24) < 0.03 and abs(rate[key] - 0.56) < 0.02
+    assert (rate[2, 0] + rate[2, 1]) / 2 > rate["any"] + 0.05                 # knowing the rank helps, on average
+
+
+def test_depth_ceiling_cli_prints_both_oracles(capsys):
+    depth_ceiling.main(["--num", "2", "--size", "32", "--draws", "500"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("oracle")]
+    assert len(rows) == 2 and all("delta<1.25" in r for r in rows)
