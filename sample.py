@@ -943,7 +943,8 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (and per cogen batch)")
     p.add_argument("--save-trajectory", action="store_true",
-                   help="also write a strip of the decoded map at 8 points of the denoising")
+                   help="also write a strip: the image, then the map decoded from the x0 estimate at 8 points "
+                        "of the denoising, each labelled with its t")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights, not their EMA")
     p.add_argument("--time-shift", type=time_shift_arg, default=None,
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); "
@@ -970,13 +971,24 @@ def _inputs(args, train_cfg: dict):
         yield item["file_name"], item["image_id"], item["image"], item["orig_size"]
 
 
-def _trajectory_strip(model, frames: list, size) -> "np.ndarray":
-    """Decode the x0 estimates collected along the sampling path into one row of coloured maps."""
+def _trajectory_strip(model, rgb: "np.ndarray", frames: list, size) -> "np.ndarray":
+    """One row: the image, then the map decoded from each x0 estimate collected along the sampling
+    path, each panel labelled underneath (the sampler's t; the model was told t + the time shift).
+
+    rgb: (H, W, 3) uint8; frames: [(t, x0 (1, 4, h, w))]; size: (H, W).  -> (H + 12, (1 + n) W, 3) uint8.
+    """
     import numpy as np
+    from PIL import Image, ImageDraw
     import data
     import ldmseg
-    maps = [data.colorize(ldmseg.decode_panoptic(model, x0, size)[0]) for x0 in frames]
-    return np.concatenate(maps, axis=1)
+    panels = [("image", rgb)] + [(f"t={t}", data.colorize(ldmseg.decode_panoptic(model, x0, size)[0]))
+                                 for t, x0 in frames]
+    strip = Image.new("RGB", (len(panels) * size[1], size[0] + 12), "white")
+    draw = ImageDraw.Draw(strip)
+    for k, (label, pic) in enumerate(panels):
+        strip.paste(Image.fromarray(pic), (k * size[1], 0))
+        draw.text((k * size[1] + 3, size[0]), label, fill="black")      # PIL's built-in bitmap font
+    return np.asarray(strip)
 
 
 def segment_images(args, model, train_cfg: dict, device) -> Path:
@@ -991,7 +1003,7 @@ def segment_images(args, model, train_cfg: dict, device) -> Path:
     for file_name, image_id, x, orig in _inputs(args, train_cfg):
         frames: list = []
         keep = set(np.linspace(0, args.steps - 1, 8).round().astype(int).tolist())
-        cb = (lambda i, t, x_t, x0: frames.append(x0) if i in keep else None) if args.save_trajectory else None
+        cb = (lambda i, t, x_t, x0: frames.append((t, x0)) if i in keep else None) if args.save_trajectory else None
         ids = ldmseg.segment(model, x[None].to(device), sampler=args.sampler, steps=args.steps,
                              generator=gen, callback=cb, size=orig)[0].cpu().numpy()
         writer.add(file_name, image_id, ids)
@@ -1001,7 +1013,7 @@ def segment_images(args, model, train_cfg: dict, device) -> Path:
         Image.fromarray(data.colorize(ids)).save(out / f"{stem}_color.png")
         Image.fromarray(data.overlay(rgb, ids)).save(out / f"{stem}_overlay.png")
         if frames:
-            Image.fromarray(_trajectory_strip(model, frames, orig)).save(out / f"{stem}_trajectory.png")
+            Image.fromarray(_trajectory_strip(model, rgb, frames, orig)).save(out / f"{stem}_trajectory.png")
         print(f"{file_name}: {len(np.unique(ids[ids > 0]))} segments")
     path = writer.close()
     print(f"wrote pictures and COCO panoptic predictions ({path}) to {out}")

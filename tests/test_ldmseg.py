@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import ldmseg
@@ -194,6 +195,10 @@ def test_sample_cli_writes_maps_overlays_trajectory_and_coco_predictions(stage2_
     stem = img.stem
     for suffix in ("_color.png", "_overlay.png", "_trajectory.png"):
         assert (tmp_path / f"{stem}{suffix}").exists()
+    w, h = Image.open(img).size
+    strip = np.asarray(Image.open(tmp_path / f"{stem}_trajectory.png"))
+    assert strip.shape == (h + 12, 5 * w, 3)                  # the image, then one panel per step (4 of 4), labelled
+    assert (strip[h:, :, :] < 128).any()                      # the labels are drawn
     pred = json.loads((tmp_path / "panoptic.json").read_text())
     ids = data.read_panoptic_png(tmp_path / "panoptic" / f"{stem}.png")
     data.check_annotation(ids, pred["annotations"][0]["segments_info"], "prediction")
