@@ -1319,8 +1319,9 @@ def fid_from_features(features_a: Tensor, features_b: Tensor) -> float:
 #   * image-map consistency -- does the image show the map? An LDMSeg stage-2 model segments the
 #     generated image; class-agnostic PQ (section 2) scores its segments against the generated map's
 #     connected components (a panoptic map's own segments), upsampled nearest to the image (they are
-#     the reference, the segmentation the prediction). A DEVIATION of ours too: PDM shows
-#     consistency only in figures.
+#     the reference, the segmentation the prediction). The segmenter is imperfect, so the same score
+#     of the val images against their own maps (as the model sees them) is reported as its ceiling.
+#     A DEVIATION of ours too: PDM shows consistency only in figures.
 #   * FID (section 7) of the generated images against the val images whose captions were used.
 
 
@@ -1430,6 +1431,7 @@ class CogenTally:
     fake: list = field(default_factory=list)         # (b, 2048) FID features of generated images
     real: list = field(default_factory=list)         # (b, 2048) FID features of the val images
     consistency: PQAccumulator | None = None         # class-agnostic PQ, segmentation vs map
+    gt_consistency: PQAccumulator | None = None      # the same for the val images and their true maps: the ceiling
     rows: list = field(default_factory=list)         # picture rows for grid.png
 
     def result(self, names: dict[str, int]) -> dict:
@@ -1440,6 +1442,8 @@ class CogenTally:
         if self.consistency is not None:
             res = self.consistency.compute()["All"]
             out.update(consistency_pq=res["pq"], consistency_sq=res["sq"], consistency_rq=res["rq"])
+            res = self.gt_consistency.compute()["All"]
+            out.update(consistency_gt_pq=res["pq"], consistency_gt_sq=res["sq"], consistency_gt_rq=res["rq"])
         if self.fake and len(self.mcd) >= 2:                    # a covariance needs two images
             out["fid"] = fid_from_features(torch.cat(self.fake), torch.cat(self.real))
         return out
@@ -1466,10 +1470,11 @@ def _segment_generated(seg_model, images: Tensor, seg_size, steps: int, generato
 
 
 def _score_maps(tally: CogenTally, items: list[dict], maps: Tensor, instances: Tensor | None, config,
-                names: dict[str, int], min_area: int | None) -> None:
+                names: dict[str, int], min_area: int | None) -> tuple[Tensor, list]:
     """MCD against the min-pooled ground truth, and caption matches of generated and ground-truth maps.
 
     maps, instances: (B, H_m, W_m) generated category and (panoptic PDM) instance ids, else None.
+    Returns the ground truth as the model sees it: maps (B, H_m, W_m) and B instance maps (or Nones).
     """
     import cogen
     category = torch.stack([it["category"] for it in items])                          # (B, H, W)
@@ -1485,6 +1490,7 @@ def _score_maps(tally: CogenTally, items: list[dict], maps: Tensor, instances: T
         inst = None if instances is None else instances[k]
         tally.matches += caption_matches(maps[k], it["caption"], names, min_area, inst)
         tally.gt_matches += caption_matches(gt_maps[k], it["caption"], names, min_area, gt_instances[k])
+    return gt_maps, gt_instances
 
 
 def _score_images(tally: CogenTally, items: list[dict], images: Tensor, maps: Tensor, instances: Tensor | None,
@@ -1501,6 +1507,15 @@ def _score_images(tally: CogenTally, items: list[dict], images: Tensor, maps: Te
     return segments
 
 
+def _score_true_pairs(tally: CogenTally, items: list[dict], gt_maps: Tensor, gt_instances: list, num_categories: int,
+                      seg_model, seg_size, seg_steps: int, seg_gen) -> None:
+    """Consistency of the val images with their own maps (as the model sees them): what a generator
+    whose every pair were real would score through this segmenter -- the ceiling of the measure."""
+    images = torch.stack([it["image"] for it in items])                              # (B, 3, H, W)
+    for k, seg in enumerate(_segment_generated(seg_model, images, seg_size, seg_steps, seg_gen)):
+        add_consistency(tally.gt_consistency, gt_maps[k], seg, num_categories, gt_instances[k])
+
+
 @torch.no_grad()
 def evaluate_cogen(model, ds: data.PanopticDataset, *, steps: int | None = None, sampler: str | None = None,
                    seed: int = 0, limit: int = 0, batch_size: int = 16, image_ae=None, seg_model=None,
@@ -1515,18 +1530,21 @@ def evaluate_cogen(model, ds: data.PanopticDataset, *, steps: int | None = None,
     and FID are skipped. seg_model: LDMSeg stage 2 (DDIM, seg_steps), seg_size its training (H, W);
     inception: a loaded FIDInception (any module mapping [0, 1] images to (B, D) features will do).
     Captions go in batches of batch_size in dataset order; the noise of co-generation comes from a
-    generator seeded with `seed`, that of segmentation from its own stream, so adding a segmenter
-    leaves the samples unchanged. pictures: a folder for grid.png (first 8 samples) and captions.txt.
+    generator seeded with `seed`, that of segmentation from its own stream (and that of the val
+    images' segmentation from a third), so adding a segmenter leaves the samples unchanged. pictures: a folder for grid.png (first 8 samples) and captions.txt.
     Returns {"images", "mcd", "caption_agreement", "caption_pairs", "caption_count_error",
-    "caption_per_category", "caption_agreement_gt"[, "consistency_pq" / "_sq" / "_rq"][, "fid"]}.
+    "caption_per_category", "caption_agreement_gt"[, "consistency_pq" / "_sq" / "_rq", and
+    "consistency_gt_pq" / "_sq" / "_rq": the val images against their own maps][, "fid"]}.
     """
     import cogen
     c = model.config
     n = len(ds) if not limit else min(limit, len(ds))
-    gen, seg_gen = (torch.Generator().manual_seed(s) for s in (seed, _substream_seed(seed, 1)))
+    gen, seg_gen, gt_gen = (torch.Generator().manual_seed(s)
+                            for s in (seed, _substream_seed(seed, 1), _substream_seed(seed, 2)))
     names = thing_names(ds.categories)
     seg_model = seg_model if image_ae is not None else None
-    tally = CogenTally(consistency=PQAccumulator(None, class_agnostic=True) if seg_model is not None else None)
+    tally = CogenTally() if seg_model is None else CogenTally(consistency=PQAccumulator(None, class_agnostic=True),
+                                                              gt_consistency=PQAccumulator(None, class_agnostic=True))
     captions = []
     for lo in range(0, n, batch_size):
         items = [ds[i] for i in range(lo, min(lo + batch_size, n))]
@@ -1534,12 +1552,15 @@ def evaluate_cogen(model, ds: data.PanopticDataset, *, steps: int | None = None,
                                            generator=gen)                     # (B, C, h, w), (B, K, H_m, W_m)
         maps, instances = cogen.decode_map(m0_bits, c)                        # (B, H_m, W_m) ids (instances or None)
         maps, instances = maps.cpu(), None if instances is None else instances.cpu()
-        _score_maps(tally, items, maps, instances, c, names, min_area)
+        gt_maps, gt_instances = _score_maps(tally, items, maps, instances, c, names, min_area)
         images = segments = None
         if image_ae is not None:
             images = cogen.decode_images(image_ae, x0_image).cpu()                  # (B, 3, H, W) in [-1, 1]
             segments = _score_images(tally, items, images, maps, instances, c.num_categories, seg_model,
                                      seg_size, seg_steps, seg_gen, inception)
+            if seg_model is not None:
+                _score_true_pairs(tally, items, gt_maps, gt_instances, c.num_categories, seg_model, seg_size,
+                                  seg_steps, gt_gen)
         for k, it in enumerate(items[:max(0, 8 - len(tally.rows))] if pictures is not None else []):
             tally.rows.append(_cogen_picture_row(it, None if images is None else images[k], maps[k],
                                                  None if segments is None else segments[k]))
@@ -1664,7 +1685,7 @@ def format_cogen(res: dict, map_size: int) -> str:
     if "consistency_pq" in res:
         lines.append(f"consistency PQ {100 * res['consistency_pq']:.2f} | SQ {100 * res['consistency_sq']:.2f} | "
                      f"RQ {100 * res['consistency_rq']:.2f} (LDMSeg segments of the images vs the maps' "
-                     f"components)")
+                     f"components) | val images vs their own maps {100 * res['consistency_gt_pq']:.2f}")
     if "fid" in res:
         few = (" -- fewer than 2048 images: biased upwards, not comparable to 10k-sample FIDs"
                if res["images"] < 2048 else "")

@@ -250,10 +250,40 @@ def test_evaluate_cogen_runs_end_to_end_on_a_tiny_random_model(shapes, tmp_path)
     assert res["images"] == len(ds) and 0 <= res["mcd"] <= 2
     assert 0 <= res["caption_agreement"] <= 1 and res["caption_pairs"] >= len(ds)
     assert 0 <= res["consistency_pq"] <= 1 and math.isfinite(res["fid"]) and res["fid"] >= 0
+    assert 0 <= res["consistency_gt_pq"] <= 1
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (len(ds) * 32, 5 * 32, 3)     # image | map | segments | val image | val map
     assert len((tmp_path / "captions.txt").read_text().splitlines()) == len(ds)
     assert run(limit=2) != res and run() == res                         # reproducible from the seed
+
+
+
+@pytest.mark.parametrize("panoptic", [False, True])
+def test_consistency_ceiling_is_one_for_a_segmenter_that_returns_the_true_maps(shapes, monkeypatch, panoptic):
+    """The val images' own maps, pooled as the model sees them, are the reference of the ceiling: a
+    segmenter that answers each val image with exactly those segments scores 1, and every generated
+    image (answered with void) scores 0; the generated pairs' consistency is computed as before."""
+    ds, _ = shapes
+    model, ae = tiny_pdm(ds, panoptic=panoptic, instance_bits=4), tiny_image_ae()
+    items = [ds[i] for i in range(len(ds))]
+    category = torch.stack([it["category"] for it in items])
+    c = model.config
+    pooled = cogen.pool_category_map(category, c.map_size, c.void_aware_pooling)            # (B, H_m, W_m)
+    if panoptic:
+        span = max(int(it["segments"].max()) for it in items) + 1
+        segments = torch.stack([it["segments"] for it in items])
+        inst = cogen.pool_category_map(category * span + segments, c.map_size, c.void_aware_pooling) % span
+    truth = {}
+    for k, it in enumerate(items):
+        ids = evaluate.map_instances(pooled[k], c.num_categories, inst[k] if panoptic else None)[None]
+        truth[it["image"].numpy().tobytes()] = cogen.nearest_resize_ids(ids, tuple(it["image"].shape[-2:]))[0]
+
+    def stub(seg_model, images, seg_size, steps, generator):
+        return torch.stack([truth.get(x.numpy().tobytes(), torch.zeros(x.shape[-2:], dtype=torch.long))
+                            for x in images])
+    monkeypatch.setattr(evaluate, "_segment_generated", stub)
+    res = evaluate.evaluate_cogen(model, ds, steps=2, batch_size=3, image_ae=ae, seg_model=object())
+    assert res["consistency_gt_pq"] == 1.0 and res["consistency_pq"] == 0.0
 
 
 # ----------------------------------------------------------------------------- 9. command line
