@@ -889,34 +889,47 @@ class MultiTaskScores:
         self.agnostic = PQAccumulator(None, class_agnostic=True)
         self.confusion = np.zeros((max(self.ids) + 1,) * 2, np.int64)     # (C+1, C+1) [gt id, pred id]
         self.depth_sums, self.depth_images = {"abs_rel": 0.0, "rmse": 0.0, "delta1": 0.0}, 0
+        self.images = self.semantic_images = 0
 
-    def add(self, gt: dict, pred: dict) -> tuple[Tensor, list[dict]]:
-        """gt: a dataset item (segments, segments_info, category[, depth]); pred: {instance, semantic[, depth]}
-        (H, W) at the item's size. Returns the class-aware merged map and its segments_info."""
+    def add(self, gt: dict, pred: dict) -> tuple[Tensor, list[dict]] | None:
+        """gt: a dataset item (segments, segments_info, category[, depth]); pred: {task: (H, W) output at
+        the item's size} for the model's tasks (instance, semantic, depth, or a subset). Returns the
+        class-aware merged map and its segments_info, or None when instance or semantic is missing."""
         import ldmseg
-        merged, info = ldmseg.merge_panoptic(pred["instance"], pred["semantic"], self.categories)
-        self.class_aware.add(gt["segments"], gt["segments_info"], merged, info)
-        self.agnostic.add(gt["segments"], gt["segments_info"], pred["instance"],
-                          data.make_segments_info(pred["instance"].numpy()))
-        self.confusion += semantic_confusion(gt["category"], pred["semantic"], len(self.confusion))
+        merged = None
+        if "instance" in pred and "semantic" in pred:
+            merged, info = ldmseg.merge_panoptic(pred["instance"], pred["semantic"], self.categories)
+            self.class_aware.add(gt["segments"], gt["segments_info"], merged, info)
+        if "instance" in pred:
+            self.agnostic.add(gt["segments"], gt["segments_info"], pred["instance"],
+                              data.make_segments_info(pred["instance"].numpy()))
+        if "semantic" in pred:
+            self.confusion += semantic_confusion(gt["category"], pred["semantic"], len(self.confusion))
+            self.semantic_images += 1
+        self.images += 1
         if "depth" in pred and "depth" in gt and bool((gt["depth"] > 0).any()):
             m = depth_metrics(pred["depth"], gt["depth"])
             for k in self.depth_sums:
                 self.depth_sums[k] += m[k]
             self.depth_images += 1
-        return merged, info
+        return None if merged is None else (merged, info)
 
     def compute(self) -> dict:
-        """Flat metrics in [0, 1] (depth: AbsRel, RMSE in the data's unit, delta1), per image averages."""
-        pq = self.class_aware.compute()
-        out = {"pq": pq["All"]["pq"], "sq": pq["All"]["sq"], "rq": pq["All"]["rq"]}
-        for split in ("Things", "Stuff"):
-            out.update({f"{k}_{split.lower()}": pq[split][k] for k in ("pq", "sq", "rq")})
-        out["pq_agnostic"] = self.agnostic.compute()["All"]["pq"]
-        out["miou"] = miou_from_confusion(self.confusion, self.ids)
+        """Flat metrics in [0, 1] (depth: AbsRel, RMSE in the data's unit, delta1), per image averages;
+        only those the predicted tasks give (class-aware PQ needs instance and semantic)."""
+        out = {}
+        if self.class_aware.num_images:
+            pq = self.class_aware.compute()
+            out.update({"pq": pq["All"]["pq"], "sq": pq["All"]["sq"], "rq": pq["All"]["rq"]})
+            for split in ("Things", "Stuff"):
+                out.update({f"{k}_{split.lower()}": pq[split][k] for k in ("pq", "sq", "rq")})
+        if self.agnostic.num_images:
+            out["pq_agnostic"] = self.agnostic.compute()["All"]["pq"]
+        if self.semantic_images:
+            out["miou"] = miou_from_confusion(self.confusion, self.ids)
         if self.depth_images:
             out.update({k: v / self.depth_images for k, v in self.depth_sums.items()})
-        out["images"] = self.class_aware.num_images
+        out["images"] = self.images
         return out
 
 
@@ -940,8 +953,8 @@ def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dic
         for k, gt in enumerate(gts):
             size = tuple(gt["segments"].shape)
             pred = {name: ldmseg.decode_task(model, name, z[k:k + 1], size)[0].cpu() for name, z in z0.items()}
-            merged, info = scores.add(gt, pred)
-            if writer is not None:
+            merged, info = scores.add(gt, pred) or (None, None)
+            if writer is not None and merged is not None:
                 writer.add(gt["file_name"], gt["image_id"], merged.numpy(), {s["id"]: s["category_id"] for s in info})
             if pictures is not None and len(rows) < 8:
                 rows.append(_multitask_row(gt, pred, merged, model.config.depth_range))
@@ -950,12 +963,16 @@ def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dic
     return scores.compute()
 
 
-def _multitask_row(gt: dict, pred: dict, merged: Tensor, depth_range) -> np.ndarray:
-    """image | semantic truth | semantic | panoptic truth | class-aware merge [| depth truth | depth]."""
+def _multitask_row(gt: dict, pred: dict, merged: Tensor | None, depth_range) -> np.ndarray:
+    """image | semantic truth | semantic | panoptic truth | class-aware merge (or the instance task's
+    map without semantic) [| depth truth | depth]; the columns of tasks the model lacks are left out."""
     import ldmseg
     img = ((gt["image"].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    cols = [img, data.colorize(gt["category"]), data.colorize(pred["semantic"]), data.colorize(gt["segments"]),
-            data.colorize(merged)]
+    cols = [img]
+    if "semantic" in pred:
+        cols += [data.colorize(gt["category"]), data.colorize(pred["semantic"])]
+    if "instance" in pred:
+        cols += [data.colorize(gt["segments"]), data.colorize(pred["instance"] if merged is None else merged)]
     if "depth" in gt and "depth" in pred:
         cols += [ldmseg.depth_picture(d, depth_range).numpy() for d in (gt["depth"], pred["depth"])]
     return np.concatenate(cols, axis=1)
@@ -972,12 +989,16 @@ def run_multitask(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, limit=args.limit, seed=args.seed, pictures=out, writer=writer)
     writer.close()
     pct = lambda k: f"{100 * res[k]:.2f}"
-    print(f"class-aware PQ  All {pct('pq')} (SQ {pct('sq')}, RQ {pct('rq')}) | Things {pct('pq_things')} "
-          f"| Stuff {pct('pq_stuff')} | class-agnostic PQ of the instance task {pct('pq_agnostic')}")
-    line = f"semantic mIoU {pct('miou')}"
+    if "pq" in res:
+        print(f"class-aware PQ  All {pct('pq')} (SQ {pct('sq')}, RQ {pct('rq')}) | Things {pct('pq_things')} "
+              f"| Stuff {pct('pq_stuff')} | class-agnostic PQ of the instance task {pct('pq_agnostic')}")
+    elif "pq_agnostic" in res:
+        print(f"class-agnostic PQ of the instance task {pct('pq_agnostic')} (class-aware PQ needs the semantic task too)")
+    parts = [f"semantic mIoU {pct('miou')}"] if "miou" in res else []
     if "delta1" in res:
-        line += f" | depth AbsRel {res['abs_rel']:.4f} RMSE {res['rmse']:.4f} delta<1.25 {res['delta1']:.4f}"
-    print(f"{line} | {res['images']} {args.split} images | {args.sampler} {args.steps} steps | {time.time() - t0:.0f}s")
+        parts.append(f"depth AbsRel {res['abs_rel']:.4f} RMSE {res['rmse']:.4f} delta<1.25 {res['delta1']:.4f}")
+    parts.append(f"{res['images']} {args.split} images | {args.sampler} {args.steps} steps | {time.time() - t0:.0f}s")
+    print(" | ".join(parts))
     data.write_json(out / "metrics.json", res)
     print(f"class-aware predictions, grid.png and metrics.json in {out}")
     return 0

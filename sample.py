@@ -1219,6 +1219,10 @@ def multitask_images(args, device) -> Path:
     categories = ckpt["categories"]
     names = {c["id"]: c["name"] for c in categories}
     tasks = ("instance", "semantic") if args.task == "panoptic" else (args.task,)
+    missing = [t for t in tasks if t not in model.config.tasks]
+    if missing:
+        raise SystemExit(f"{args.ckpt}: --task {args.task} needs the {' and '.join(missing)} task, but this model "
+                         f"was trained on {', '.join(model.config.tasks)} (train.py --tasks)")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = data.PanopticWriter(out, categories) if args.task == "panoptic" else None

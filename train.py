@@ -118,6 +118,7 @@ class TrainConfig:
     prediction: str = ""             # stage 2 / multitask: the UNet's output, eps (min-SNR weighted, LDMSeg) | x0 (unweighted); "" = the preset's
     signal_scale: float = 0.0        # stage 2 / multitask: b, the diffusion sees b x the unit-variance mask latent; 0 = the preset's
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
+    tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
@@ -1156,6 +1157,17 @@ class LDMSegStage(LatentStage):
         return out
 
 
+def parse_tasks(text: str) -> tuple[str, ...]:
+    """'semantic,depth' -> ('semantic', 'depth') in ldmseg.TASKS order; a clear exit on unknown names."""
+    import ldmseg
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in ldmseg.TASKS]
+    if not names or unknown:
+        raise SystemExit(f"--tasks {text!r}: choose one or more of {','.join(ldmseg.TASKS)}"
+                         + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return tuple(t for t in ldmseg.TASKS if t in names)
+
+
 class MultiTaskStage(LDMSegStage):
     """Multi-task LDMSeg: one UNet for instance, semantic and depth latents, told apart by learnable
     task embeddings.  [LDMSeg §6; ldmseg.py §10]
@@ -1171,6 +1183,8 @@ class MultiTaskStage(LDMSegStage):
     def base_config(self) -> "ldmseg.LDMSegConfig":
         import ldmseg
         config = ldmseg.multitask_config(self.cfg.preset)
+        if self.cfg.tasks:
+            config = dataclasses.replace(config, tasks=parse_tasks(self.cfg.tasks))
         if self.cfg.depth_subcells:
             config.depth_subcells = self.cfg.depth_subcells
         return config
@@ -1198,16 +1212,21 @@ class MultiTaskStage(LDMSegStage):
 
     def preview(self, model, batch) -> np.ndarray:
         """Rows: image | semantic truth | semantic | instance | class-aware merge | depth truth | depth
-        (DDIM 20, fixed generator)."""
+        (DDIM 20, fixed generator); the columns of tasks the model lacks are left out."""
         import ldmseg
         out = ldmseg.predict_tasks(model, batch["image"], steps=20, generator=torch.Generator().manual_seed(0))
         rows = []
         for k, x in enumerate(batch["image"]):
-            merged, _ = ldmseg.merge_panoptic(out["instance"][k], out["semantic"][k], self.categories)
-            depths = [ldmseg.depth_picture(d, self.mcfg.depth_range).numpy()
-                      for d in (batch["depth"][k], out["depth"][k])]
-            rows.append([to_uint8(x), data.colorize(batch["category"][k]), data.colorize(out["semantic"][k]),
-                         data.colorize(out["instance"][k]), data.colorize(merged), *depths])
+            row = [to_uint8(x)]
+            if "semantic" in out:
+                row += [data.colorize(batch["category"][k]), data.colorize(out["semantic"][k])]
+            if "instance" in out:
+                row += [data.colorize(out["instance"][k])]
+            if "instance" in out and "semantic" in out:
+                row += [data.colorize(ldmseg.merge_panoptic(out["instance"][k], out["semantic"][k], self.categories)[0])]
+            if "depth" in out:
+                row += [ldmseg.depth_picture(d, self.mcfg.depth_range).numpy() for d in (batch["depth"][k], out["depth"][k])]
+            rows.append(row)
         return grid(rows)
 
     def finish(self, model, val, run_dir) -> dict:

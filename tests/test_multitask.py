@@ -247,6 +247,36 @@ def test_evaluate_cli_on_a_multitask_checkpoint_prints_every_metric(multitask_ru
     assert again["All"]["pq"] == pytest.approx(res["pq"])
 
 
+@pytest.mark.parametrize("tasks,metrics,absent", [("depth", {"abs_rel", "rmse", "delta1"}, {"pq", "pq_agnostic", "miou"}),
+                                                    ("semantic", {"miou"}, {"pq", "pq_agnostic", "delta1"})])
+def test_one_task_trains_a_single_task_model_and_reports_its_metrics(tiny_runs, tmp_path, capsys, tasks, metrics, absent):
+    import train
+    root, shapes = tiny_runs
+    out = tmp_path / tasks
+    train.main(["--stage", "multitask", "--preset", "tiny", "--data", str(shapes), "--out-dir", str(out),
+                "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2", "--log-every", "2",
+                "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--tasks", tasks])
+    assert tuple(train.load_checkpoint(out, "multitask")["model_config"]["tasks"]) == (tasks,)
+    res = json.loads((out / "metrics.json").read_text())
+    assert metrics <= set(res) and not absent & set(res) and res["images"] > 0
+    assert (out / "preview_final.png").exists() and (out / "val_ddim3" / "grid.png").exists()
+    capsys.readouterr()
+    assert evaluate.main(["--ckpt", str(out), "--steps", "2", "--out-dir", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "class-aware PQ" not in text and ("delta<1.25" in text) == (tasks == "depth")
+    img = sorted((shapes / "val").iterdir())[0]
+    with pytest.raises(SystemExit, match="panoptic"):
+        sample.main(["--task", "panoptic", "--ckpt", str(out), "--image", str(img), "--steps", "2",
+                     "--out-dir", str(tmp_path / "s"), "--device", "cpu"])
+
+
+def test_unknown_tasks_are_refused_by_name():
+    import train
+    with pytest.raises(SystemExit, match="unknown: edges"):
+        train.parse_tasks("depth,edges")
+    assert train.parse_tasks("depth, instance") == ("instance", "depth")
+
+
 def test_a_stage2_checkpoint_cannot_answer_the_depth_task(tiny_runs, tmp_path):
     root, shapes = tiny_runs
     img = sorted((shapes / "val").iterdir())[0]
