@@ -984,10 +984,12 @@ def run_multitask(args: argparse.Namespace) -> int:
     t0 = time.time()
     model, ds, out = _model_and_split(args, "multitask", stage="multitask")
     categories = list(ds.categories.values())
-    writer = data.PanopticWriter(out, categories)
+    merges = {"instance", "semantic"} <= set(model.config.tasks)            # class-aware maps to write
+    writer = data.PanopticWriter(out, categories) if merges else None
     res = evaluate_multitask(model, ds, categories, sampler=args.sampler, steps=args.steps,
                              batch_size=args.batch_size, limit=args.limit, seed=args.seed, pictures=out, writer=writer)
-    writer.close()
+    if writer is not None:
+        writer.close()
     pct = lambda k: f"{100 * res[k]:.2f}"
     if "pq" in res:
         print(f"class-aware PQ  All {pct('pq')} (SQ {pct('sq')}, RQ {pct('rq')}) | Things {pct('pq_things')} "
@@ -1000,7 +1002,7 @@ def run_multitask(args: argparse.Namespace) -> int:
     parts.append(f"{res['images']} {args.split} images | {args.sampler} {args.steps} steps | {time.time() - t0:.0f}s")
     print(" | ".join(parts))
     data.write_json(out / "metrics.json", res)
-    print(f"class-aware predictions, grid.png and metrics.json in {out}")
+    print(f"{'class-aware predictions, ' if merges else ''}grid.png and metrics.json in {out}")
     return 0
 
 

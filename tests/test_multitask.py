@@ -264,6 +264,7 @@ def test_one_task_trains_a_single_task_model_and_reports_its_metrics(tiny_runs, 
     assert evaluate.main(["--ckpt", str(out), "--steps", "2", "--out-dir", str(tmp_path / "ev"), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "class-aware PQ" not in text and ("delta<1.25" in text) == (tasks == "depth")
+    assert (tmp_path / "ev" / "metrics.json").exists() and not (tmp_path / "ev" / "panoptic.json").exists()
     img = sorted((shapes / "val").iterdir())[0]
     with pytest.raises(SystemExit, match="panoptic"):
         sample.main(["--task", "panoptic", "--ckpt", str(out), "--image", str(img), "--steps", "2",
