@@ -1554,7 +1554,8 @@ def evaluate_cogen(model, ds: data.PanopticDataset, *, steps: int | None = None,
     inception: a loaded FIDInception (any module mapping [0, 1] images to (B, D) features will do).
     Captions go in batches of batch_size in dataset order; the noise of co-generation comes from a
     generator seeded with `seed`, that of segmentation from its own stream (and that of the val
-    images' segmentation from a third), so adding a segmenter leaves the samples unchanged. pictures: a folder for grid.png (first 8 samples) and captions.txt.
+    images' segmentation from a third), so adding a segmenter leaves the samples unchanged.
+    pictures: a folder for grid.png (first 8 samples) and captions.txt.
     Returns {"images", "mcd", "caption_agreement", "caption_pairs", "caption_count_error",
     "caption_per_category", "caption_agreement_gt"[, "consistency_pq" / "_sq" / "_rq", and
     "consistency_gt_pq" / "_sq" / "_rq": the val images against their own maps][, "fid"]}.
