@@ -1477,8 +1477,9 @@ def _substream_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
-def _segment_generated(seg_model, images: Tensor, seg_size, steps: int, generator: torch.Generator) -> Tensor:
-    """LDMSeg segments of generated images (B, 3, H, W) in [-1, 1] -> (B, H, W) int64 on the CPU.
+def _segment_images(seg_model, images: Tensor, seg_size, steps: int, generator: torch.Generator) -> Tensor:
+    """LDMSeg segments of images (B, 3, H, W) in [-1, 1] -> (B, H, W) int64 on the CPU: the generated
+    images, or the val images for the consistency ceiling.
 
     seg_size: the segmenter's training (H, W) when it differs from the images'; the images are then
     resized to it (bilinear) and the logits decoded back at (H, W) [LDMSeg brief §4.4].
@@ -1524,7 +1525,7 @@ def _score_images(tally: CogenTally, items: list[dict], images: Tensor, maps: Te
         tally.real.append(inception_features(inception, torch.stack([it["image"] for it in items])))
     if seg_model is None:
         return None
-    segments = _segment_generated(seg_model, images, seg_size, seg_steps, seg_gen)  # (B, H, W)
+    segments = _segment_images(seg_model, images, seg_size, seg_steps, seg_gen)  # (B, H, W)
     for k, seg in enumerate(segments):
         add_consistency(tally.consistency, maps[k], seg, num_categories, None if instances is None else instances[k])
     return segments
@@ -1535,7 +1536,7 @@ def _score_true_pairs(tally: CogenTally, items: list[dict], gt_maps: Tensor, gt_
     """Consistency of the val images with their own maps (as the model sees them): what a generator
     whose every pair were real would score through this segmenter -- the ceiling of the measure."""
     images = torch.stack([it["image"] for it in items])                              # (B, 3, H, W)
-    for k, seg in enumerate(_segment_generated(seg_model, images, seg_size, seg_steps, seg_gen)):
+    for k, seg in enumerate(_segment_images(seg_model, images, seg_size, seg_steps, seg_gen)):
         add_consistency(tally.gt_consistency, gt_maps[k], seg, num_categories, gt_instances[k])
 
 

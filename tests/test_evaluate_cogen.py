@@ -281,7 +281,7 @@ def test_consistency_ceiling_is_one_for_a_segmenter_that_returns_the_true_maps(s
     def stub(seg_model, images, seg_size, steps, generator):
         return torch.stack([truth.get(x.numpy().tobytes(), torch.zeros(x.shape[-2:], dtype=torch.long))
                             for x in images])
-    monkeypatch.setattr(evaluate, "_segment_generated", stub)
+    monkeypatch.setattr(evaluate, "_segment_images", stub)
     res = evaluate.evaluate_cogen(model, ds, steps=2, batch_size=3, image_ae=ae, seg_model=object())
     assert res["consistency_gt_pq"] == 1.0 and res["consistency_pq"] == 0.0
 
