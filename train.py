@@ -120,6 +120,7 @@ class TrainConfig:
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
+    task_signal_scales: str = ""     # multitask: own b of the semantic / depth latent, e.g. semantic=1,depth=0.5 (instance and tasks not named keep --signal-scale's); "" = the preset's (shapes: depth=1)
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
@@ -213,6 +214,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--time-shift takes 0..999 and belongs to --stage 2 / all / multitask, got {cfg.time_shift}")
     if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
         raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
+    if cfg.task_signal_scales and cfg.stage != "multitask":
+        raise SystemExit("--task-signal-scales belongs to --stage multitask")
     if cfg.patch_factor not in (0, 1, 2, 4):
         raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
@@ -1168,6 +1171,22 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     return tuple(t for t in ldmseg.TASKS if t in names)
 
 
+def parse_signal_scales(text: str) -> dict[str, float]:
+    """'semantic=1,depth=0.5' -> {'semantic': 1.0, 'depth': 0.5}; a clear exit on anything else."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            b = float(value)
+        except ValueError:
+            b = -1.0
+        if name.strip() not in ("semantic", "depth") or not b > 0:
+            raise SystemExit(f"--task-signal-scales {text!r}: give semantic=B and / or depth=B with B > 0 "
+                             f"(instance is stage 2's latent and keeps --signal-scale)")
+        out[name.strip()] = b
+    return out
+
+
 class MultiTaskStage(LDMSegStage):
     """Multi-task LDMSeg: one UNet for instance, semantic and depth latents, told apart by learnable
     task embeddings.  [LDMSeg §6; ldmseg.py §10]
@@ -1187,6 +1206,8 @@ class MultiTaskStage(LDMSegStage):
             config = dataclasses.replace(config, tasks=parse_tasks(self.cfg.tasks))
         if self.cfg.depth_subcells:
             config.depth_subcells = self.cfg.depth_subcells
+        if self.cfg.task_signal_scales:
+            config.task_signal_scales = parse_signal_scales(self.cfg.task_signal_scales)   # replaces the preset's
         return config
 
     def datasets(self) -> tuple[data.PanopticDataset, data.PanopticDataset]:

@@ -81,8 +81,49 @@ def test_task_latents_use_each_samples_own_target(tiny_multitask):
     z0, valid = ldmseg.task_latents(m, task, dict(segments=segments, category=category, depth=depth), g)
     assert torch.allclose(z0[1], m.encode_ids(category[1:2])[0])
     z_depth, v_depth = ldmseg.encode_depth(depth[[0, 2]], 8, m.config.depth_range, 4)
-    assert torch.allclose(z0[[0, 2]], z_depth * m.config.signal_scale)
+    assert torch.allclose(z0[[0, 2]], z_depth * ldmseg.task_signal_scale(m.config, "depth"))
     assert valid[2, 0, 0, 0] == 0 and valid[2].sum() == 15 and valid[0].sum() == 16
+
+
+@pytest.mark.parametrize("task", ["semantic", "depth"])
+def test_a_tasks_own_signal_scale_scales_its_latent_and_decoding_undoes_it(tiny_multitask, task, monkeypatch):
+    m = tiny_multitask
+    g = torch.Generator().manual_seed(0)
+    targets = dict(category=torch.randint(0, 10, (2, 32, 32), generator=g), depth=torch.rand(2, 32, 32, generator=g) * 50 + 1)
+    k = torch.full((2,), ldmseg.task_index(m.config, task))
+    assert m.config.task_signal_scales == {} and ldmseg.task_signal_scale(m.config, task) == m.config.signal_scale
+    shared, _ = ldmseg.task_latents(m, k, targets)
+    monkeypatch.setattr(m.config, "task_signal_scales", {task: 0.5 * m.config.signal_scale})
+    own, _ = ldmseg.task_latents(m, k, targets)
+    assert torch.allclose(own, 0.5 * shared)
+    back = ldmseg.decode_task(m, task, own, (32, 32))
+    monkeypatch.setattr(m.config, "task_signal_scales", {})
+    assert torch.allclose(back.float(), ldmseg.decode_task(m, task, shared, (32, 32)).float(), rtol=1e-5)
+
+
+def test_x0_loss_weighs_each_tasks_error_in_the_maps_units(tiny_multitask):
+    config = dataclasses.replace(tiny_multitask.config, signal_scale=0.1, task_signal_scales={"depth": 1.0})
+    task = torch.tensor([0, 1, 2, 2])                                        # instance, semantic, depth, depth
+    assert torch.allclose(ldmseg.x0_loss_weights(config, task, 4), torch.tensor([1.0, 1.0, 0.01, 0.01]))
+    assert torch.equal(ldmseg.x0_loss_weights(tiny_multitask.config, task, 4), torch.ones(4))
+    assert torch.equal(ldmseg.x0_loss_weights(config, None, 3), torch.ones(3))
+    # Through the loss: a depth-only batch at b = 1 scores its mse x 0.01 (the mse itself is unweighted).
+    m = tiny_multitask
+    config = dataclasses.replace(config, prediction="x0")
+    g = torch.Generator().manual_seed(0)
+    z0, z_image = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    out = ldmseg.ldmseg_loss(m, config, m.schedule, z0, z_image, torch.ones(2, 1, 4, 4), g, torch.tensor([2, 2]))
+    assert out["loss"].item() == pytest.approx(out["mse"].item() * 0.01, rel=1e-5)
+
+
+def test_signal_scales_must_be_positive_and_instance_keeps_the_shared_one(tiny_multitask):
+    for bad in ({"depth": 0.0}, {"instance": 1.0}, {"sematic": 1.0}):
+        with pytest.raises(ValueError, match="signal scales|task_signal_scales"):
+            dataclasses.replace(tiny_multitask.config, task_signal_scales=bad)
+    assert train.parse_signal_scales("semantic=1, depth=0.5") == {"semantic": 1.0, "depth": 0.5}
+    for bad in ("depth", "depth=x", "depth=-1", "instance=1"):
+        with pytest.raises(SystemExit, match="task-signal-scales"):
+            train.parse_signal_scales(bad)
 
 
 # ----------------------------------------------------------------------------- depth encoding
@@ -132,6 +173,8 @@ def test_depth_subcells_must_divide_the_channels_and_the_cell():
         ldmseg.encode_depth(torch.ones(1, 8, 8), 8, (1.0, 64.0), 4, subcells=3)
     with pytest.raises(SystemExit, match="depth-subcells"):
         train.main(["--stage", "2", "--depth-subcells", "2", "--preset", "tiny"])
+    with pytest.raises(SystemExit, match="task-signal-scales"):
+        train.main(["--stage", "2", "--task-signal-scales", "depth=1", "--preset", "tiny"])
 
 
 # ----------------------------------------------------------------------------- merge rule
@@ -255,8 +298,10 @@ def test_one_task_trains_a_single_task_model_and_reports_its_metrics(tiny_runs, 
     out = tmp_path / tasks
     train.main(["--stage", "multitask", "--preset", "tiny", "--data", str(shapes), "--out-dir", str(out),
                 "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2", "--log-every", "2",
-                "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--tasks", tasks])
-    assert tuple(train.load_checkpoint(out, "multitask")["model_config"]["tasks"]) == (tasks,)
+                "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--tasks", tasks,
+                "--task-signal-scales", f"{tasks}=0.5"])
+    config = train.load_checkpoint(out, "multitask")["model_config"]
+    assert tuple(config["tasks"]) == (tasks,) and config["task_signal_scales"] == {tasks: 0.5}
     res = json.loads((out / "metrics.json").read_text())
     assert metrics <= set(res) and not absent & set(res) and res["images"] > 0
     assert (out / "preview_final.png").exists() and (out / "val_ddim3" / "grid.png").exists()
@@ -290,5 +335,7 @@ def test_shapes_multitask_takes_stage2s_recipe_and_coco_the_papers():
     stage2, multi = ldmseg.LDMSegConfig.preset("shapes"), ldmseg.multitask_config("shapes")
     assert (stage2.prediction, stage2.signal_scale, stage2.time_shift) == ("x0", 0.1, 300)
     assert (multi.prediction, multi.signal_scale, multi.time_shift) == ("x0", 0.1, 300)
+    assert multi.task_signal_scales == {"depth": 1.0} and stage2.task_signal_scales == {}
     coco = ldmseg.multitask_config("coco")
     assert (coco.prediction, coco.signal_scale, coco.time_shift) == ("eps", 1.0, 0)
+    assert coco.task_signal_scales == {}
