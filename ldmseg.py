@@ -1258,7 +1258,7 @@ class LDMSegConfig:
             raise ValueError(f"LDMSegConfig.prediction must be 'eps' or 'x0', got {self.prediction!r}")
         if self.signal_scale <= 0 or any(b <= 0 for b in self.task_signal_scales.values()):
             raise ValueError(f"LDMSegConfig: signal scales must be > 0, got {self.signal_scale} and {self.task_signal_scales}")
-        if set(self.task_signal_scales) - {"semantic", "depth"}:
+        if set(self.task_signal_scales) - set(OWN_SCALE_TASKS):
             raise ValueError(f"LDMSegConfig.task_signal_scales takes semantic and depth (instance is stage 2's latent at "
                              f"signal_scale), got {sorted(self.task_signal_scales)}")
         if not 0 <= self.time_shift < self.num_train_steps:
@@ -1602,6 +1602,7 @@ def load_ldmseg(ckpt: dict, use_ema: bool = True, time_shift: int | None = None)
 # (This section follows section 9 because it samples and decodes with section 9's functions.)
 
 TASKS = ("instance", "semantic", "depth")
+OWN_SCALE_TASKS = ("semantic", "depth")        # tasks that may have a signal scale of their own (task_signal_scales)
 TASK_CONTEXT_DIM = {"coco": 768, "shapes": 64, "tiny": 16}   # PAPER: "786" (brief §6), SD-1.x's 768
 
 

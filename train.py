@@ -1173,17 +1173,18 @@ def parse_tasks(text: str) -> tuple[str, ...]:
 
 def parse_signal_scales(text: str) -> dict[str, float]:
     """'semantic=1,depth=0.5' -> {'semantic': 1.0, 'depth': 0.5}; a clear exit on anything else."""
+    import ldmseg
     out = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
-        name, _, value = item.partition("=")
+        name, _, value = (x.strip() for x in item.partition("="))
         try:
             b = float(value)
         except ValueError:
             b = -1.0
-        if name.strip() not in ("semantic", "depth") or not b > 0:
+        if name not in ldmseg.OWN_SCALE_TASKS or not b > 0:
             raise SystemExit(f"--task-signal-scales {text!r}: give semantic=B and / or depth=B with B > 0 "
                              f"(instance is stage 2's latent and keeps --signal-scale)")
-        out[name.strip()] = b
+        out[name] = b
     return out
 
 
