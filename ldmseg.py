@@ -1245,6 +1245,7 @@ class LDMSegConfig:
     depth_range: tuple[float, float] = (1.0, 64.0)     # multi-task: depths (m) mapped to -1 / +1 on a log scale  [ours; Shapes 1-60 m]
     depth_subcells: int = 1                            # multi-task: s x s depth medians per latent cell, s in {1, 2}  [ours; section 10]
     task_signal_scales: dict[str, float] = field(default_factory=dict)  # multi-task: own b of semantic / depth; else signal_scale  [ours; section 10]
+    task_loss_weights: dict[str, float] = field(default_factory=dict)   # multi-task: a task's loss weight; else 1  [ours; section 10]
     time_shift: int = 0                                # sampling: the denoiser is told t + time_shift  [DEVIATION: Analog Bits' td; section charter]
 
     def __post_init__(self):
@@ -1261,6 +1262,8 @@ class LDMSegConfig:
         if set(self.task_signal_scales) - set(OWN_SCALE_TASKS):
             raise ValueError(f"LDMSegConfig.task_signal_scales takes semantic and depth (instance is stage 2's latent at "
                              f"signal_scale), got {sorted(self.task_signal_scales)}")
+        if set(self.task_loss_weights) - set(TASKS) or any(not w > 0 for w in self.task_loss_weights.values()):
+            raise ValueError(f"LDMSegConfig.task_loss_weights takes weights > 0 of {TASKS}, got {self.task_loss_weights}")
         if not 0 <= self.time_shift < self.num_train_steps:
             raise ValueError(f"LDMSegConfig.time_shift must lie in [0, {self.num_train_steps - 1}], got {self.time_shift}")
 
@@ -1423,7 +1426,8 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
                 generator: torch.Generator | None = None, task: Tensor | None = None) -> dict[str, Tensor]:
     """The stage-2 objective [LDMSeg brief §3.3]: mean( w(t) * valid * (eps_pred - eps)^2 ), or for
     config.prediction == 'x0' mean( w_task * valid * (x0_pred - z0)^2 ) (section charter; w_task = 1 but for a
-    multi-task model whose tasks have their own signal scales: x0_loss_weights).
+    multi-task model whose tasks have their own signal scales: x0_loss_weights). Either way a multi-task
+    model's samples are further weighted by config.task_loss_weights (task_loss_weights; default 1).
 
     model: the (possibly compiled / DDP-wrapped) LDMSeg; z0, z_image: (B, 4, h, w); valid (B, 1, h, w);
     task: (B,) int64 for a multi-task model (each sample's task, section 10), else None.
@@ -1443,6 +1447,7 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
         w, target = x0_loss_weights(config, task, B).to(device), z0        # x0 regression, unweighted across t  [Analog Bits Alg. 1]
     else:
         w, target = min_snr_weight(schedule.snr(t), config.min_snr_gamma), eps  # (B,)  [PAPER]
+    w = w * task_loss_weights(config, task, B).to(device)                  # (B,) ones but for a weighted task
     se = (pred - target).pow(2) * valid                                  # (B, 4, h, w)
     loss = (w.view(B, 1, 1, 1) * se).mean()
     return {"loss": loss, "mse": se.mean()}
@@ -1591,8 +1596,9 @@ def load_ldmseg(ckpt: dict, use_ema: bool = True, time_shift: int | None = None)
 #
 # Task sampling: every training sample gets a task drawn uniformly from config.tasks by the step's
 # generator (independent per sample), so each batch mixes tasks and each task has 1/3 of the
-# samples in expectation; the loss is stage 2's with equal weights (the paper's balancing is
-# unknown), each task's x0 error counted in the maps' units where its b differs (x0_loss_weights).
+# samples in expectation; the loss is stage 2's with equal weights by default (the paper's balancing is
+# unknown; task_loss_weights sets others), each task's x0 error counted in the maps' units where its b
+# differs (x0_loss_weights).
 # Cells whose target is void (no id, no category, no depth) are masked out as in stage 2.
 #
 # Class-aware panoptic (merge_panoptic): each instance segment takes the majority category of the
@@ -1654,6 +1660,18 @@ def x0_loss_weights(config: LDMSegConfig, task: Tensor | None, batch_size: int) 
         return torch.ones(batch_size)
     b = torch.tensor([task_signal_scale(config, name) for name in config.tasks])         # (T,)
     return (config.signal_scale / b[task.cpu()]) ** 2
+
+
+def task_loss_weights(config: LDMSegConfig, task: Tensor | None, batch_size: int) -> Tensor:
+    """(B,) each sample's weight from config.task_loss_weights (1 for a task not listed, or one task).
+
+    A multiplier on top of x0_loss_weights: equal weights (all ones) are the default; the README's
+    multi-task table shows what weighting depth up does.
+    """
+    if task is None or not config.task_loss_weights:
+        return torch.ones(batch_size)
+    w = torch.tensor([config.task_loss_weights.get(name, 1.0) for name in config.tasks])  # (T,)
+    return w[task.cpu()]
 
 
 def _rescale(model: LDMSeg, name: str) -> float:

@@ -121,6 +121,7 @@ class TrainConfig:
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     task_signal_scales: str = ""     # multitask: own b of the semantic / depth latent, e.g. semantic=1,depth=0.5 (instance and tasks not named keep --signal-scale's); "" = the preset's (shapes: depth=1)
+    task_loss_weights: str = ""      # multitask: a task's loss weight, e.g. depth=10 (tasks not named: 1); "" = equal weights
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
@@ -214,8 +215,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--time-shift takes 0..999 and belongs to --stage 2 / all / multitask, got {cfg.time_shift}")
     if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
         raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
-    if cfg.task_signal_scales and cfg.stage != "multitask":
-        raise SystemExit("--task-signal-scales belongs to --stage multitask")
+    if (cfg.task_signal_scales or cfg.task_loss_weights) and cfg.stage != "multitask":
+        raise SystemExit("--task-signal-scales and --task-loss-weights belong to --stage multitask")
     if cfg.patch_factor not in (0, 1, 2, 4):
         raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
@@ -1171,21 +1172,33 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     return tuple(t for t in ldmseg.TASKS if t in names)
 
 
-def parse_signal_scales(text: str) -> dict[str, float]:
-    """'semantic=1,depth=0.5' -> {'semantic': 1.0, 'depth': 0.5}; a clear exit on anything else."""
-    import ldmseg
+def parse_task_values(text: str, names: tuple[str, ...], flag: str, hint: str = "") -> dict[str, float]:
+    """'semantic=1,depth=0.5' -> {'semantic': 1.0, 'depth': 0.5} for task names in `names`, values > 0;
+    a clear exit naming `flag` on anything else."""
     out = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         name, _, value = (x.strip() for x in item.partition("="))
         try:
-            b = float(value)
+            v = float(value)
         except ValueError:
-            b = -1.0
-        if name not in ldmseg.OWN_SCALE_TASKS or not b > 0:
-            raise SystemExit(f"--task-signal-scales {text!r}: give semantic=B and / or depth=B with B > 0 "
-                             f"(instance is stage 2's latent and keeps --signal-scale)")
-        out[name] = b
+            v = -1.0
+        if name not in names or not v > 0:
+            raise SystemExit(f"{flag} {text!r}: give TASK=VALUE pairs, TASK in {', '.join(names)}, VALUE > 0{hint}")
+        out[name] = v
     return out
+
+
+def parse_signal_scales(text: str) -> dict[str, float]:
+    """--task-signal-scales: 'semantic=1,depth=0.5' -> {'semantic': 1.0, 'depth': 0.5}."""
+    import ldmseg
+    return parse_task_values(text, ldmseg.OWN_SCALE_TASKS, "--task-signal-scales",
+                             " (instance is stage 2's latent and keeps --signal-scale)")
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """--task-loss-weights: 'depth=10' -> {'depth': 10.0}."""
+    import ldmseg
+    return parse_task_values(text, ldmseg.TASKS, "--task-loss-weights")
 
 
 class MultiTaskStage(LDMSegStage):
@@ -1209,6 +1222,8 @@ class MultiTaskStage(LDMSegStage):
             config.depth_subcells = self.cfg.depth_subcells
         if self.cfg.task_signal_scales:
             config.task_signal_scales = parse_signal_scales(self.cfg.task_signal_scales)   # replaces the preset's
+        if self.cfg.task_loss_weights:
+            config.task_loss_weights = parse_loss_weights(self.cfg.task_loss_weights)
         return config
 
     def datasets(self) -> tuple[data.PanopticDataset, data.PanopticDataset]:

@@ -126,6 +126,29 @@ def test_signal_scales_must_be_positive_and_instance_keeps_the_shared_one(tiny_m
             train.parse_signal_scales(bad)
 
 
+def test_task_loss_weights_scale_each_tasks_samples(tiny_multitask):
+    m, task = tiny_multitask, torch.tensor([0, 1, 2, 2])                     # instance, semantic, depth, depth
+    config = dataclasses.replace(m.config, task_loss_weights={"depth": 10.0, "instance": 0.5})
+    assert torch.allclose(ldmseg.task_loss_weights(config, task, 4), torch.tensor([0.5, 1.0, 10.0, 10.0]))
+    assert torch.equal(ldmseg.task_loss_weights(m.config, task, 4), torch.ones(4))
+    assert torch.equal(ldmseg.task_loss_weights(config, None, 3), torch.ones(3))
+    # Through the loss, for both predictions: the same draws (same seed) weigh 10x for depth, 1x for semantic.
+    z0, z_image = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    for prediction in ("eps", "x0"):
+        def loss(cfg, tasks):
+            return ldmseg.ldmseg_loss(m, dataclasses.replace(cfg, prediction=prediction), m.schedule, z0, z_image,
+                                      torch.ones(2, 1, 4, 4), torch.Generator().manual_seed(0), torch.tensor(tasks))["loss"]
+        assert loss(config, [2, 2]).item() == pytest.approx(10 * loss(m.config, [2, 2]).item(), rel=1e-5)
+        assert loss(config, [1, 1]).item() == pytest.approx(loss(m.config, [1, 1]).item(), rel=1e-6)
+    for bad in ({"depth": 0.0}, {"dpeth": 1.0}):
+        with pytest.raises(ValueError, match="task_loss_weights"):
+            dataclasses.replace(m.config, task_loss_weights=bad)
+    assert train.parse_loss_weights("instance=2, depth=0.5") == {"instance": 2.0, "depth": 0.5}
+    for bad in ("depth", "depth=0", "colour=1"):
+        with pytest.raises(SystemExit, match="task-loss-weights"):
+            train.parse_loss_weights(bad)
+
+
 # ----------------------------------------------------------------------------- depth encoding
 
 @pytest.mark.parametrize("subcells", [1, 2])
