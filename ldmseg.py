@@ -1654,7 +1654,9 @@ def x0_loss_weights(config: LDMSegConfig, task: Tensor | None, batch_size: int) 
 
     An x0 error scales with its task's b, so a task at b = 1 beside maps at 0.1 would weigh 100 times
     as much in the loss and take the shared UNet's updates for itself (README, multi-task: the maps'
-    scores collapsed). All ones for one task or one b. (An eps loss needs none: eps is unit-variance.)
+    scores collapsed). All ones for stage 2 (task None) or when no task has its own b; a single-task
+    model at its own b gets one constant, which AdamW all but ignores below the gradient clip. (An eps
+    loss needs none: eps is unit-variance.)
     """
     if task is None or not config.task_signal_scales:
         return torch.ones(batch_size)
