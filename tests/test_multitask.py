@@ -359,6 +359,7 @@ def test_shapes_multitask_takes_stage2s_recipe_and_coco_the_papers():
     assert (stage2.prediction, stage2.signal_scale, stage2.time_shift) == ("x0", 0.1, 300)
     assert (multi.prediction, multi.signal_scale, multi.time_shift) == ("x0", 0.1, 300)
     assert multi.task_signal_scales == {"depth": 1.0} and stage2.task_signal_scales == {}
+    assert multi.task_loss_weights == {"depth": 10.0} and stage2.task_loss_weights == {}
     coco = ldmseg.multitask_config("coco")
     assert (coco.prediction, coco.signal_scale, coco.time_shift) == ("eps", 1.0, 0)
-    assert coco.task_signal_scales == {}
+    assert coco.task_signal_scales == {} and coco.task_loss_weights == {}
