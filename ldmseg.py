@@ -1668,12 +1668,13 @@ def x0_loss_weights(config: LDMSegConfig, task: Tensor | None, batch_size: int) 
 
 
 def task_loss_weights(config: LDMSegConfig, task: Tensor | None, batch_size: int) -> Tensor:
-    """(B,) each sample's weight from config.task_loss_weights (1 for a task not listed, or one task).
+    """(B,) each sample's weight from config.task_loss_weights (1 for a task not listed).
 
     A multiplier on top of x0_loss_weights: equal weights (all ones) are the default; the README's
-    multi-task table shows what weighting depth up does.
+    multi-task table shows what weighting depth up does. The weights balance tasks against each other,
+    so stage 2 (task None) and a single-task model (`--tasks depth`) get all ones whatever the preset says.
     """
-    if task is None or not config.task_loss_weights:
+    if task is None or len(config.tasks) < 2 or not config.task_loss_weights:
         return torch.ones(batch_size)
     w = torch.tensor([config.task_loss_weights.get(name, 1.0) for name in config.tasks])  # (T,)
     return w[task.cpu()]

@@ -132,6 +132,8 @@ def test_task_loss_weights_scale_each_tasks_samples(tiny_multitask):
     assert torch.allclose(ldmseg.task_loss_weights(config, task, 4), torch.tensor([0.5, 1.0, 10.0, 10.0]))
     assert torch.equal(ldmseg.task_loss_weights(m.config, task, 4), torch.ones(4))
     assert torch.equal(ldmseg.task_loss_weights(config, None, 3), torch.ones(3))
+    single = dataclasses.replace(config, tasks=("depth",))                    # weights balance tasks: none for one
+    assert torch.equal(ldmseg.task_loss_weights(single, torch.zeros(3, dtype=torch.long), 3), torch.ones(3))
     # Through the loss, for both predictions: the same draws (same seed) weigh 10x for depth, 1x for semantic.
     z0, z_image = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     for prediction in ("eps", "x0"):
