@@ -682,13 +682,14 @@ def _original_size_dataset(ds: data.PanopticDataset) -> data.PanopticDataset:
 
 
 def _image_latent_batches(model, ds: data.PanopticDataset, batch_size: int, n: int, device=None):
-    """Yield (z_image (B, 4, h, w) of model-size images, their items at original size) over ds[:n]."""
+    """Yield (model-size images (B, 3, H, W), their latents z_image (B, 4, h, w), their items at original
+    size) over ds[:n]."""
     device = device or next(model.parameters()).device
     full = _original_size_dataset(ds)
     for lo in range(0, n, batch_size):
         idx = range(lo, min(lo + batch_size, n))
         images = torch.stack([ds[i]["image"] for i in idx]).to(device)
-        yield model.encode_image(images), [full[i] for i in idx]
+        yield images, model.encode_image(images), [full[i] for i in idx]
 
 
 @torch.no_grad()
@@ -706,7 +707,7 @@ def evaluate_segmentation(model, ds: data.PanopticDataset, *, sampler: str = "dd
     acc, rows = PQAccumulator(None, class_agnostic=True), []
     gen = torch.Generator().manual_seed(seed)
     n = len(ds) if not limit else min(limit, len(ds))
-    for z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
+    for _, z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
         z0 = ldmseg.sample_latent(model, z_image, sampler=sampler, steps=steps, generator=gen)
         for k, gt in enumerate(gts):
             pred = ldmseg.decode_panoptic(model, z0[k:k + 1], tuple(gt["segments"].shape))[0].cpu()
@@ -743,7 +744,7 @@ def _model_and_split(args: argparse.Namespace, kind: str, stage: str = "2"):
     device = train.pick_device(args.device)
     ckpt = train.load_checkpoint(args.ckpt, stage)
     with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
-        model = ldmseg.load_ldmseg(ckpt, time_shift=args.time_shift)
+        model = ldmseg.load_ldmseg(ckpt, time_shift=args.time_shift, depth_guide_sigma=args.depth_guide_sigma)
     model = model.to(device)
     cfg = ckpt["config"]
     ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
@@ -948,11 +949,12 @@ def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dic
     scores, rows = MultiTaskScores(categories), []
     gen = torch.Generator().manual_seed(seed)
     n = len(ds) if not limit else min(limit, len(ds))
-    for z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
+    for images, z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
         z0 = ldmseg.sample_tasks_latents(model, z_image, sampler=sampler, steps=steps, generator=gen)
         for k, gt in enumerate(gts):
             size = tuple(gt["segments"].shape)
-            pred = {name: ldmseg.decode_task(model, name, z[k:k + 1], size)[0].cpu() for name, z in z0.items()}
+            pred = {name: ldmseg.decode_task(model, name, z[k:k + 1], size, images[k:k + 1])[0].cpu()
+                    for name, z in z0.items()}
             merged, info = scores.add(gt, pred) or (None, None)
             if writer is not None and merged is not None:
                 writer.add(gt["file_name"], gt["image_id"], merged.numpy(), {s["id"]: s["category_id"] for s in info})
@@ -1746,7 +1748,7 @@ def run_cogen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sample import time_shift_arg
+    from sample import guide_sigma_arg, time_shift_arg
     p = argparse.ArgumentParser(description="Panoptic quality of COCO-format predictions "
                                 "(panopticapi semantics), or of a trained model: LDMSeg PQ, the inpainting "
                                 "curve, PDM co-generation metrics (MCD, caption agreement, consistency, FID).",
@@ -1788,6 +1790,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--time-shift", type=time_shift_arg, default=None,
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); default: the "
                         "checkpoint's (shapes x0 runs: 300; 0 = none)")
+    c.add_argument("--depth-guide-sigma", type=guide_sigma_arg, default=None,
+                   help="multi-task depth: upsample the depth latent guided by the image with this colour sigma "
+                        "(ldmseg.py section 10); default: the checkpoint's (0.1); 0 = nearest")
     c.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     c.add_argument("--out-dir", default="",
                    help="where outputs go; default: <run>/{eval,inpaint,cogen}_<split>_<sampler><steps>")

@@ -904,6 +904,15 @@ def time_shift_arg(text: str) -> int:
     return value
 
 
+def guide_sigma_arg(text: str) -> float:
+    """argparse type of --depth-guide-sigma: a colour sigma >= 0 ([-1, 1] RGB; 0 = nearest upsampling)."""
+    import argparse
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"takes a colour sigma >= 0 (0 = nearest upsampling), got {text}")
+    return value
+
+
 def build_parser() -> "argparse.ArgumentParser":
     import argparse
     p = argparse.ArgumentParser(description="Sample a trained model: segment images (LDMSeg) or co-generate "
@@ -949,6 +958,9 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--time-shift", type=time_shift_arg, default=None,
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); "
                         "default: the checkpoint's (shapes x0 runs: 300; 0 = none)")
+    p.add_argument("--depth-guide-sigma", type=guide_sigma_arg, default=None,
+                   help="depth: upsample the depth latent guided by the image with this colour sigma (ldmseg.py "
+                        "section 10); default: the checkpoint's (0.1); 0 = nearest")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda")
     return p
 
@@ -1215,7 +1227,8 @@ def multitask_images(args, device) -> Path:
         raise SystemExit(f"{args.ckpt}: mask inpainting needs a stage-2 checkpoint (train.py --stage 2)")
     ckpt = train.load_checkpoint(args.ckpt, "multitask")
     with train.weights_must_fit(args.ckpt):
-        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights, time_shift=args.time_shift).to(device)
+        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights, time_shift=args.time_shift,
+                                   depth_guide_sigma=args.depth_guide_sigma).to(device)
     categories = ckpt["categories"]
     names = {c["id"]: c["name"] for c in categories}
     tasks = ("instance", "semantic") if args.task == "panoptic" else (args.task,)

@@ -193,6 +193,63 @@ def test_depth_round_trips_through_the_direct_encoding(subcells):
     assert code(torch.zeros(1, 8, 8))[1].item() == 0
 
 
+def _two_colour_scene(split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 x 16: colour A and depth 2 m left of column `split`, colour B and 60 m from it on."""
+    image, depth = torch.full((1, 3, 16, 16), -0.8), torch.full((1, 16, 16), 2.0)
+    image[:, 0, :, split:] = 0.8                                            # B: another red channel
+    depth[:, :, split:] = 60.0
+    return image, depth
+
+
+def test_guided_upsampling_gives_a_cells_minority_side_its_own_depth():
+    """An edge 3 px into the right-hand cells: their median (60 m) is the far side's, and nearest
+    upsampling paints the 3 near columns 60 m; guided by the image they take the left cells' 2 m."""
+    rng = (1.0, 64.0)
+    image, depth = _two_colour_scene(11)
+    z, _ = ldmseg.encode_depth(depth, 8, rng, 4)
+    nearest = ldmseg.decode_depth(z, rng, (16, 16))
+    assert torch.allclose(nearest[:, :, 8:11], torch.full((1, 16, 3), 60.0), rtol=1e-4)
+    guided = ldmseg.decode_depth(z, rng, (16, 16), guide=image, sigma_color=0.1)
+    assert torch.allclose(guided, depth, rtol=1e-3)
+    assert torch.equal(ldmseg.decode_depth(z, rng, (16, 16), guide=image, sigma_color=0.0), nearest)
+    # Output size other than the guide's: upsampled at the guide's size, then resized nearest.
+    assert torch.allclose(ldmseg.decode_depth(z, rng, (32, 32), guide=image), depth.repeat_interleave(2, 1)
+                          .repeat_interleave(2, 2), rtol=1e-3)
+
+
+def test_guided_upsampling_blends_within_one_colour_and_survives_a_colour_no_cell_has():
+    # One colour, log depth rising linearly down the rows (Shapes' ground): each pixel blends its
+    # neighbour cells, closer to the ramp than the steps of nearest upsampling.
+    rng = (1.0, 64.0)
+    ramp = torch.exp(torch.linspace(0.5, 3.5, 32)).view(1, 32, 1).expand(1, 32, 32).contiguous()
+    z, _ = ldmseg.encode_depth(ramp, 8, rng, 4)
+    guide = torch.zeros(1, 3, 32, 32)
+    err = lambda d: (d.log() - ramp.log()).abs().mean().item()
+    assert err(ldmseg.decode_depth(z, rng, (32, 32), guide=guide)) < 0.6 * err(ldmseg.decode_depth(z, rng, (32, 32)))
+    # A pixel whose colour no cell around it has: every weight underflows, and the log-domain
+    # normalisation still gives a depth among its cells' (not 0 / 0).
+    image, depth = _two_colour_scene(8)
+    image[:, :, 5, 5] = torch.tensor([-1.0, 1.0, 1.0])
+    z, _ = ldmseg.encode_depth(depth, 8, rng, 4)
+    out = ldmseg.decode_depth(z, rng, (16, 16), guide=image, sigma_color=0.05)
+    assert bool(out.isfinite().all()) and 2.0 - 1e-3 <= out[0, 5, 5] <= 60.0 + 1e-3
+    with pytest.raises(ValueError, match="whole number"):
+        ldmseg.guided_upsample(z[:, :1], torch.zeros(1, 3, 20, 16), 0.1)
+
+
+def test_the_multitask_depth_decoder_is_guided_by_the_image(tiny_multitask):
+    m = tiny_multitask
+    image, depth = _two_colour_scene(11)                                    # x2: the edge 6 px into a cell
+    twice = lambda x: x.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    image, depth = twice(image), twice(depth)
+    b = ldmseg.task_signal_scale(m.config, "depth")
+    z = ldmseg.encode_depth(depth, 8, m.config.depth_range, 4)[0] * b
+    assert torch.allclose(ldmseg.decode_task(m, "depth", z, (32, 32), image), depth, rtol=1e-3)
+    assert not torch.allclose(ldmseg.decode_task(m, "depth", z, (32, 32)), depth, rtol=1e-3)   # nearest
+    with pytest.raises(ValueError, match="depth_guide_sigma"):
+        dataclasses.replace(m.config, depth_guide_sigma=-0.1)
+
+
 def test_depth_subcells_must_divide_the_channels_and_the_cell():
     with pytest.raises(ValueError, match="sub-cells"):
         ldmseg.encode_depth(torch.ones(1, 8, 8), 8, (1.0, 64.0), 4, subcells=3)
@@ -313,6 +370,21 @@ def test_evaluate_cli_on_a_multitask_checkpoint_prints_every_metric(multitask_ru
     again = evaluate.evaluate_files(str(shapes / "annotations" / "panoptic_val.json"), str(tmp_path / "panoptic.json"),
                                     str(shapes / "annotations" / "panoptic_val"), str(tmp_path / "panoptic"))
     assert again["All"]["pq"] == pytest.approx(res["pq"])
+
+
+def test_depth_guide_sigma_flag_reaches_the_model(multitask_run, tmp_path, monkeypatch):
+    _, shapes, out = multitask_run
+    sigmas, load = [], ldmseg.load_ldmseg
+    monkeypatch.setattr(ldmseg, "load_ldmseg", lambda *a, **kw: sigmas.append(kw["depth_guide_sigma"]) or load(*a, **kw))
+    img = sorted((shapes / "val").iterdir())[0]
+    assert sample.main(["--task", "depth", "--ckpt", str(out), "--image", str(img), "--steps", "2",
+                        "--out-dir", str(tmp_path / "s"), "--device", "cpu", "--depth-guide-sigma", "0"]) == 0
+    assert evaluate.main(["--ckpt", str(out), "--steps", "2", "--limit", "2", "--out-dir", str(tmp_path / "e"),
+                          "--device", "cpu", "--depth-guide-sigma", "0.2"]) == 0
+    assert sigmas == [0.0, 0.2]
+    for parser in (sample.build_parser(), evaluate.build_parser()):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--ckpt", "x", "--depth-guide-sigma", "-1"])
 
 
 @pytest.mark.parametrize("tasks,metrics,absent", [("depth", {"abs_rel", "rmse", "delta1"}, {"pq", "pq_agnostic", "miou"}),
