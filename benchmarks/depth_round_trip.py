@@ -12,6 +12,8 @@ model is.
 
 Run:  python benchmarks/depth_round_trip.py                 (a few seconds on a CPU; writes nothing)
       python benchmarks/depth_round_trip.py --split train --num 100   (where the sigma was chosen)
+      python benchmarks/depth_round_trip.py --picture docs/img/depth_round_trip.png
+          (also a picture of the first 4 images: image | true depth | nearest | guided, near = bright)
 Measured on Shapes val (200 images, 128^2), AbsRel / RMSE / delta<1.25:
   one median per cell, nearest              0.266 / 5.38 m / 0.961
   one median per cell, guided, sigma 0.1    0.024 / 0.78 m / 0.996   (the default decoder)
@@ -38,6 +40,7 @@ def main(argv=None) -> None:
     p.add_argument("--num", type=int, default=200, help="items of the split (0 = all)")
     p.add_argument("--factor", type=int, default=8, help="pixels per latent cell (the mask autoencoder's f)")
     p.add_argument("--sigmas", default="0.05,0.1,0.2,0.4", help="colour sigmas of the guided decoder, [-1, 1] RGB")
+    p.add_argument("--picture", default="", help="also write image | truth | nearest | guided (sigma 0.1) rows here")
     args = p.parse_args(argv)
     data.ensure_shapes(args.data)
     ds = data.PanopticDataset(data.resolve_split(args.data, args.split), size=None)
@@ -54,6 +57,23 @@ def main(argv=None) -> None:
             m = evaluate.depth_metrics(out, depth)
             how = "nearest" if sigma == 0 else f"guided, sigma {sigma:g}"
             print(f"  {subcells} x {subcells} median(s) per cell, {how:<18} {m['abs_rel']:.3f} / {m['rmse']:.2f} / {m['delta1']:.3f}")
+    if args.picture:
+        save_picture(args.picture, image[:4], depth[:4], depth_range, args.factor)
+
+
+def save_picture(path: str, image: torch.Tensor, depth: torch.Tensor, depth_range, factor: int) -> None:
+    """Rows image | true depth | nearest round trip | guided round trip (one median per cell)."""
+    from PIL import Image
+    z, _ = ldmseg.encode_depth(depth, factor, depth_range, 4)
+    size = tuple(depth.shape[-2:])
+    columns = [((image.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)]
+    for d in (depth, ldmseg.decode_depth(z, depth_range, size),
+              ldmseg.decode_depth(z, depth_range, size, guide=image, sigma_color=0.1)):
+        columns.append(torch.stack([ldmseg.depth_picture(x, depth_range) for x in d]))   # (N, H, W, 3)
+    grid = torch.cat([torch.cat(list(c), dim=0) for c in columns], dim=1)                # (N H, 4 W, 3)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(grid.numpy()).save(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
