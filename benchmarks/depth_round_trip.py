@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     p.add_argument("--num", type=int, default=200, help="items of the split (0 = all)")
     p.add_argument("--factor", type=int, default=8, help="pixels per latent cell (the mask autoencoder's f)")
     p.add_argument("--sigmas", default="0.05,0.1,0.2,0.4", help="colour sigmas of the guided decoder, [-1, 1] RGB")
-    p.add_argument("--picture", default="", help="also write image | truth | nearest | guided (sigma 0.1) rows here")
+    p.add_argument("--picture", default="", help="also write image | truth | nearest | guided (the default sigma, 0.1) rows here")
     args = p.parse_args(argv)
     data.ensure_shapes(args.data)
     ds = data.PanopticDataset(data.resolve_split(args.data, args.split), size=None)
@@ -48,7 +48,8 @@ def main(argv=None) -> None:
     items = [ds[i] for i in range(n)]
     image = torch.stack([it["image"] for it in items])                   # (N, 3, H, W) in [-1, 1]
     depth = torch.stack([it["depth"] for it in items])                   # (N, H, W) metres
-    depth_range = ldmseg.LDMSegConfig().depth_range
+    config = ldmseg.LDMSegConfig()                                        # depth_range, the default sigma
+    depth_range = config.depth_range
     print(f"{n} {args.split} depth maps, {tuple(depth.shape[-2:])}, cells of {args.factor} px; AbsRel / RMSE / delta<1.25")
     for subcells in (1, 2):
         z, _ = ldmseg.encode_depth(depth, args.factor, depth_range, 4, subcells)
@@ -58,17 +59,17 @@ def main(argv=None) -> None:
             how = "nearest" if sigma == 0 else f"guided, sigma {sigma:g}"
             print(f"  {subcells} x {subcells} median(s) per cell, {how:<18} {m['abs_rel']:.3f} / {m['rmse']:.2f} / {m['delta1']:.3f}")
     if args.picture:
-        save_picture(args.picture, image[:4], depth[:4], depth_range, args.factor)
+        save_picture(args.picture, image[:4], depth[:4], depth_range, args.factor, config.depth_guide_sigma)
 
 
-def save_picture(path: str, image: torch.Tensor, depth: torch.Tensor, depth_range, factor: int) -> None:
-    """Rows image | true depth | nearest round trip | guided round trip (one median per cell)."""
+def save_picture(path: str, image: torch.Tensor, depth: torch.Tensor, depth_range, factor: int, sigma: float) -> None:
+    """Rows image | true depth | nearest round trip | guided round trip at `sigma` (one median per cell)."""
     from PIL import Image
     z, _ = ldmseg.encode_depth(depth, factor, depth_range, 4)
     size = tuple(depth.shape[-2:])
     columns = [((image.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)]
     for d in (depth, ldmseg.decode_depth(z, depth_range, size),
-              ldmseg.decode_depth(z, depth_range, size, guide=image, sigma_color=0.1)):
+              ldmseg.decode_depth(z, depth_range, size, guide=image, sigma_color=sigma)):
         columns.append(torch.stack([ldmseg.depth_picture(x, depth_range) for x in d]))   # (N, H, W, 3)
     grid = torch.cat([torch.cat(list(c), dim=0) for c in columns], dim=1)                # (N H, 4 W, 3)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
