@@ -121,7 +121,8 @@ class TrainConfig:
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     task_signal_scales: str = ""     # multitask: own b of the semantic / depth latent, e.g. semantic=1,depth=0.5 (instance and tasks not named keep --signal-scale's); "" = the preset's (shapes: depth=1)
-    task_loss_weights: str = ""      # multitask: a task's loss weight, e.g. depth=10 (tasks not named: 1; replaces the preset's); "" = the preset's (shapes: depth=10)
+    task_loss_weights: str = ""      # multitask: a task's loss weight, e.g. depth=10 (tasks not named: 1; replaces the preset's); "" = the preset's (shapes: depth=2.5)
+    task_sample_weights: str = ""    # multitask: a task's relative sampling weight, e.g. depth=2 for half of the samples (tasks not named: 1; replaces the preset's); "" = the preset's (shapes: depth=4; others: uniform)
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
@@ -152,11 +153,12 @@ PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, 
 PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=2400, batch_size=16, lr=1e-3, eval_steps=50, eval_dpm_steps=20)
 PRESETS["coco"]["2"] = dict(image_size=512, max_steps=200_000, batch_size=32, lr=1e-4,   # PAPER: x 8 GPUs = 256
                             eval_steps=50, eval_dpm_steps=20)
-# Multi-task LDMSeg (LDMSeg §6): stage 2's recipe. Each sample trains one of three tasks, so shapes
-# runs 3 x 1,500 steps for each task to see 1,500 x 16 samples (stage 2's length when this was set).
+# Multi-task LDMSeg (LDMSeg §6): stage 2's recipe. Each sample trains one of three tasks; shapes runs
+# 9,000 steps with depth drawn for 2/3 of the samples (ldmseg.multitask_config), so instance and semantic
+# each see 1,500 x 16 samples (stage 2's length when this was set) and depth four times as many.
 # coco: the paper's budget is unknown; COCO has no depth maps and its category ids need an 8-bit mask AE.
 PRESETS["tiny"]["multitask"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=3)
-PRESETS["shapes"]["multitask"] = dict(image_size=128, max_steps=4500, batch_size=16, lr=1e-3, eval_steps=50)
+PRESETS["shapes"]["multitask"] = dict(image_size=128, max_steps=9000, batch_size=16, lr=1e-3, eval_steps=50)
 PRESETS["coco"]["multitask"] = dict(image_size=512, max_steps=200_000, batch_size=32, lr=1e-4, eval_steps=50)
 # PDM (cogen). The image size fixes the latent side the U-ViT is built for (image_size / 8).
 PRESETS["tiny"]["cogen"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_dpm_steps=2,
@@ -215,8 +217,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--time-shift takes 0..999 and belongs to --stage 2 / all / multitask, got {cfg.time_shift}")
     if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
         raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
-    if (cfg.task_signal_scales or cfg.task_loss_weights) and cfg.stage != "multitask":
-        raise SystemExit("--task-signal-scales and --task-loss-weights belong to --stage multitask")
+    if (cfg.task_signal_scales or cfg.task_loss_weights or cfg.task_sample_weights) and cfg.stage != "multitask":
+        raise SystemExit("--task-signal-scales, --task-loss-weights and --task-sample-weights belong to --stage multitask")
     if cfg.patch_factor not in (0, 1, 2, 4):
         raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
@@ -1224,6 +1226,9 @@ class MultiTaskStage(LDMSegStage):
             config.task_signal_scales = parse_signal_scales(self.cfg.task_signal_scales)   # replaces the preset's
         if self.cfg.task_loss_weights:
             config.task_loss_weights = parse_loss_weights(self.cfg.task_loss_weights)
+        if self.cfg.task_sample_weights:
+            config.task_sample_weights = parse_task_values(self.cfg.task_sample_weights, ldmseg.TASKS,
+                                                           "--task-sample-weights")
         return config
 
     def datasets(self) -> tuple[data.PanopticDataset, data.PanopticDataset]:

@@ -70,6 +70,31 @@ def test_task_sampling_is_uniform_and_reproducible(tiny_multitask):
     assert torch.allclose(counts, torch.full((3,), 1 / 3), atol=0.03)
 
 
+def test_task_sample_weights_set_each_tasks_share_of_the_samples(tiny_multitask):
+    cfg = dataclasses.replace(tiny_multitask.config, task_sample_weights={"depth": 2.0})   # 1 : 1 : 2
+    a = ldmseg.sample_tasks(4000, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a, ldmseg.sample_tasks(4000, cfg, torch.Generator().manual_seed(1)))
+    counts = torch.bincount(a, minlength=3).float() / 4000
+    assert torch.allclose(counts, torch.tensor([0.25, 0.25, 0.5]), atol=0.03)
+    single = dataclasses.replace(cfg, tasks=("depth",))                      # a task not trained is not drawn
+    assert torch.equal(ldmseg.sample_tasks(50, single, torch.Generator().manual_seed(1)), torch.zeros(50, dtype=torch.long))
+    # Equal weights over the tasks trained draw exactly as no weights do (runs made before weights stay reproducible).
+    two = dataclasses.replace(cfg, tasks=("instance", "semantic"))
+    plain = dataclasses.replace(two, task_sample_weights={})
+    assert torch.equal(ldmseg.sample_tasks(50, two, torch.Generator().manual_seed(1)),
+                       ldmseg.sample_tasks(50, plain, torch.Generator().manual_seed(1)))
+    for bad in ({"depth": 0.0}, {"dpeth": 1.0}):
+        with pytest.raises(ValueError, match="task_sample_weights"):
+            dataclasses.replace(tiny_multitask.config, task_sample_weights=bad)
+    import train
+    cfg = train.resolve(train.TrainConfig(stage="multitask", preset="tiny", task_sample_weights="depth=2"))
+    assert train.MultiTaskStage(cfg, torch.device("cpu"), None).base_config().task_sample_weights == {"depth": 2.0}
+    with pytest.raises(SystemExit, match="task-sample-weights"):
+        train.resolve(train.TrainConfig(stage="2", task_sample_weights="depth=2"))
+    with pytest.raises(SystemExit, match="task-sample-weights"):
+        train.MultiTaskStage(dataclasses.replace(cfg, task_sample_weights="depth=-1"), torch.device("cpu"), None).base_config()
+
+
 def test_task_latents_use_each_samples_own_target(tiny_multitask):
     m = tiny_multitask.eval()
     g = torch.Generator().manual_seed(0)
@@ -433,7 +458,8 @@ def test_shapes_multitask_takes_stage2s_recipe_and_coco_the_papers():
     assert (stage2.prediction, stage2.signal_scale, stage2.time_shift) == ("x0", 0.1, 300)
     assert (multi.prediction, multi.signal_scale, multi.time_shift) == ("x0", 0.1, 300)
     assert multi.task_signal_scales == {"depth": 1.0} and stage2.task_signal_scales == {}
-    assert multi.task_loss_weights == {"depth": 10.0} and stage2.task_loss_weights == {}
+    assert multi.task_loss_weights == {"depth": 2.5} and stage2.task_loss_weights == {}
+    assert multi.task_sample_weights == {"depth": 4.0} and stage2.task_sample_weights == {}
     coco = ldmseg.multitask_config("coco")
     assert (coco.prediction, coco.signal_scale, coco.time_shift) == ("eps", 1.0, 0)
-    assert coco.task_signal_scales == {} and coco.task_loss_weights == {}
+    assert coco.task_signal_scales == {} and coco.task_loss_weights == {} and coco.task_sample_weights == {}
