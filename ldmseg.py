@@ -1264,10 +1264,10 @@ class LDMSegConfig:
         if set(self.task_signal_scales) - set(OWN_SCALE_TASKS):
             raise ValueError(f"LDMSegConfig.task_signal_scales takes semantic and depth (instance is stage 2's latent at "
                              f"signal_scale), got {sorted(self.task_signal_scales)}")
-        if set(self.task_loss_weights) - set(TASKS) or any(not w > 0 for w in self.task_loss_weights.values()):
-            raise ValueError(f"LDMSegConfig.task_loss_weights takes weights > 0 of {TASKS}, got {self.task_loss_weights}")
-        if set(self.task_sample_weights) - set(TASKS) or any(not w > 0 for w in self.task_sample_weights.values()):
-            raise ValueError(f"LDMSegConfig.task_sample_weights takes weights > 0 of {TASKS}, got {self.task_sample_weights}")
+        for name in ("task_loss_weights", "task_sample_weights"):
+            weights = getattr(self, name)
+            if set(weights) - set(TASKS) or any(not w > 0 for w in weights.values()):
+                raise ValueError(f"LDMSegConfig.{name} takes weights > 0 of {TASKS}, got {weights}")
         if not self.depth_guide_sigma >= 0:
             raise ValueError(f"LDMSegConfig.depth_guide_sigma must be >= 0 (0 = nearest upsampling), got {self.depth_guide_sigma}")
         if not 0 <= self.time_shift < self.num_train_steps:
