@@ -39,13 +39,22 @@ def test_resolution_ceiling_is_exact_for_maps_constant_on_its_blocks_and_not_oth
     assert not torch.equal(mask_ae_ceiling.pooled_logits(fine, 2, 16).argmax(1), fine)
 
 
+def test_fitted_logits_at_half_resolution_draw_a_diagonal_boundary_that_pooled_shares_miss():
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    diagonal = (1 + (xx + yy > 6).long() + (xx > 5).long())[None]         # (1, 8, 8): ids 1, 2, 3
+    assert torch.equal(mask_ae_ceiling.fitted_logits(diagonal, 2, 16).argmax(1), diagonal)
+    assert not torch.equal(mask_ae_ceiling.pooled_logits(diagonal, 2, 16).argmax(1), diagonal)
+    unfitted = mask_ae_ceiling.fitted_logits(diagonal, 2, 16, steps=0)    # the start: log-shares upsampled
+    assert not torch.equal(unfitted.argmax(1), diagonal)                   # so the fitting is what draws it
+
+
 def test_resolution_ceiling_cli_scores_a_tiny_shapes_val(tiny_runs, capsys):
     _, shapes = tiny_runs
-    mask_ae_ceiling.main(["--data", str(shapes), "--factors", "1,2", "--size", "32"])
+    mask_ae_ceiling.main(["--data", str(shapes), "--factors", "1,2", "--size", "32", "--fit-steps", "20"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
-    pq = {(r[0], r[1]): float(r[3]) for r in rows}
-    assert set(pq) == {(f"H/{f}", k) for f in (1, 2) for k in ("thresholds", "argmax")}
-    assert pq["H/1", "argmax"] == 100.0 and pq["H/2", "argmax"] <= 100.0
+    pq = {(r[0], r[1], r[2]): float(r[4]) for r in rows}
+    assert set(pq) == {(f"H/{f}", k, d) for f in (1, 2) for k in ("pooled", "fitted") for d in ("thresholds", "argmax")}
+    assert pq["H/1", "pooled", "argmax"] == 100.0 and pq["H/2", "pooled", "argmax"] <= 100.0
 
 
 def test_latent_probe_scores_category_iou_and_any_thing_iou_on_a_hand_made_map():
