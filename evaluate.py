@@ -770,7 +770,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 
 @torch.no_grad()
 def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Sequence[float],
-                        sampler: str = "ddim", steps: int = 50, limit: int = 0, seed: int = 0) -> list[dict]:
+                        sampler: str = "ddim", steps: int = 50, limit: int = 0, seed: int = 0,
+                        fill_width: int = 3) -> list[dict]:
     """PQ of inpainted maps as a function of the fraction of the map given.  [LDMSeg §5]
 
     For image i the known region is drawn from a generator seeded with (seed, i), so every fraction
@@ -794,7 +795,7 @@ def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Se
                      if mode == "sparse" else ldmseg.global_known_mask(h, w, g, generator=gen))
             pixel = cells.repeat_interleave(f, 0).repeat_interleave(f, 1).bool() & (gt > 0)
             _, pred = ldmseg.inpaint(model, item["image"][None].to(device), torch.where(pixel, gt, 0), cells,
-                                     sampler=sampler, steps=steps, generator=gen)
+                                     sampler=sampler, steps=steps, fill_width=fill_width, generator=gen)
             acc.add(gt, item["segments_info"], pred, data.make_segments_info(pred.numpy()))
             kept += int((pred[pixel] == gt[pixel]).sum())
             total += int(pixel.sum())
@@ -829,15 +830,28 @@ def plot_curves(rows: list[dict], path: str | os.PathLike) -> None:
     img.save(path)
 
 
+def _fractions(text: str) -> list[float]:
+    """'0.1,0.5' -> [0.1, 0.5]; a clear error for anything that is not a list of fractions in (0, 1]."""
+    try:
+        values = [float(g) for g in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 < g <= 1.0 for g in values):
+        raise SystemExit(f"--given {text!r}: expected fractions in (0, 1] separated by commas, e.g. 0.1,0.5,0.9")
+    return values
+
+
 def run_inpainting(args: argparse.Namespace) -> int:
     """Mode: PQ vs the fraction of the map given (sparse and / or global masks); table + plot."""
     t0 = time.time()
+    given = [0.0] + _fractions(args.given)
+    if args.fill_width < 0:
+        raise SystemExit(f"--fill-width {args.fill_width}: a width in pixels, >= 0")
     model, ds, out = _model_and_split(args, "inpaint")
-    given = [0.0] + [float(g) for g in args.given.split(",")]
     rows = []
     for mode in (["sparse", "global"] if args.mode == "both" else [args.mode]):
         rows += evaluate_inpainting(model, ds, mode=mode, given=given, sampler=args.sampler, steps=args.steps,
-                                    limit=args.limit, seed=args.seed)
+                                    limit=args.limit, seed=args.seed, fill_width=args.fill_width)
     out.mkdir(parents=True, exist_ok=True)
     print("| mode | given | PQ | SQ | RQ | given ids kept |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -1779,6 +1793,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpaint: which known-region masks (sparse blocks / large regions)")
     c.add_argument("--given", default="0.1,0.3,0.5,0.7,0.9",
                    help="inpaint: fractions of the map given (0 is always added as the baseline)")
+    c.add_argument("--fill-width", type=int, default=3,
+                   help="inpaint: unknown pixels this close to the given ones (px) take the nearest given id "
+                        "before the known latent is encoded (0 = none; ldmseg.py section 11)")
     c.add_argument("--data", default="", help="dataset folder; default: the one the checkpoint trained on")
     c.add_argument("--split", default="val", help="split to sample")
     c.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")

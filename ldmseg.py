@@ -1996,6 +1996,19 @@ def depth_picture(depth: Tensor, depth_range: tuple[float, float]) -> Tensor:
 # the known region then anchors which code each given segment keeps, and the output maps codes
 # back to the user's ids. New segments get fresh ids that no given segment uses.
 #
+# What the known latent is encoded from. The mask encoder reads beyond a cell (3x3 convolutions at
+# every level), so a known cell's latent also describes its neighbours' pixels. Encoded with void in
+# the unknown pixels, a known cell next to unknown ones says "a segment that ends at this cell's
+# edge", and its edge pixels decode as void or the wrong id. DEVIATION (LDMSeg does not say what it
+# encodes; its inpainting code was never released): the unknown pixels within `fill_width` pixels of
+# the known region first take the nearest given id (`fill_unknown_ids`), so the known latent
+# describes segments that run on past its edge; farther pixels stay void. The width was chosen on 40
+# Shapes train images (the quick start's stage-2 model, DDIM 20, sparse and global masks at 0.3 / 0.5
+# / 0.7 given): mean PQ over those six settings 36.2 with no fill, 37.9 / 39.3 / 39.4 / 38.2 / 37.3 /
+# 36.3 at 1 / 2 / 3 / 4 / 6 / 8 px, and 36.4 filling everything; the share of given pixels whose id
+# the model's own output keeps rose from 94.2 % to 96.5 % at 3 px. A wide fill invents: a few
+# given blocks grow into large segments that are not there.
+#
 # Masks live on the latent grid: the known region is imposed cell by cell, so a mask finer than a
 # latent cell (8 px) could not be honoured. PAPER: sparse masks drop independent 16 x 16 px blocks
 # at 512^2 (2 x 2 latent cells) with probability p [LDMSeg brief §5]; the block is scaled with the
@@ -2052,6 +2065,23 @@ def codes_for_given_ids(given_ids: Tensor, num_bits: int, generator: torch.Gener
     return dict(zip(user, codes))
 
 
+def fill_unknown_ids(ids: Tensor, width: int) -> Tensor:
+    """(B, H, W) int64, 0 = unknown -> unknown pixels within `width` of a known one take its id.
+
+    Distances are chessboard distances: the known region grows by one pixel a round, `width` rounds
+    (a 3 x 3 max over the ids, so on ties the largest id wins). Pixels farther away stay 0; width 0
+    returns the map as it is.
+    """
+    out = ids.clone()
+    for _ in range(width):
+        hole = out == 0                                                   # (B, H, W)
+        if not hole.any() or hole.all():
+            break
+        grown = F.max_pool2d(out[:, None].float(), 3, stride=1, padding=1)[:, 0].long()  # (B, H, W)
+        out = torch.where(hole, grown, out)
+    return out
+
+
 def _apply(table: dict[int, int], ids: Tensor) -> Tensor:
     """Map every value of ids through table (values not in it -> 0)."""
     out = torch.zeros_like(ids)
@@ -2062,19 +2092,21 @@ def _apply(table: dict[int, int], ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def inpaint(model: LDMSeg, image: Tensor, given_ids: Tensor, known: Tensor, *, sampler: str = "ddim",
-            steps: int = 50, clean: bool = False, generator: torch.Generator | None = None,
-            callback=None) -> tuple[Tensor, Tensor]:
+            steps: int = 50, clean: bool = False, fill_width: int = 3,
+            generator: torch.Generator | None = None, callback=None) -> tuple[Tensor, Tensor]:
     """Complete a partial panoptic map of one image.
 
     image (1, 3, H, W) in [-1, 1]; given_ids (H, W) int64 user ids (0 = unknown); known (h, w) latent-grid
     mask, 1 = known (use `known_cells_from_pixels` for a pixel mask). Returns (ids (H, W) in the user's
     ids, model_ids (H, W): the model's own decoding before the given pixels are pasted back).
-    An empty known region is plain segmentation.
+    An empty known region is plain segmentation. fill_width: unknown pixels this close to the known
+    region (in pixels) take the nearest given id before the known latent is encoded (0: none; the
+    comment above this section).
     """
     K = model.config.mask_ae.num_bits
     table = codes_for_given_ids(given_ids, K, generator)
     codes = _apply(table, given_ids)[None].to(image.device)               # (1, H, W) in 1..2^K-1
-    z_known = model.encode_ids(codes)                                     # (1, 4, h, w)
+    z_known = model.encode_ids(fill_unknown_ids(codes, fill_width))      # (1, 4, h, w)
     region = KnownRegion(z_known, known[None, None].to(image.device), clean=clean) if known.any() else None
     z0 = sample_latent(model, model.encode_image(image), sampler=sampler, steps=steps,
                        generator=generator, known=region, callback=callback)

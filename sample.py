@@ -935,6 +935,9 @@ def build_parser() -> "argparse.ArgumentParser":
     inp.add_argument("--known-mask", default="", help="optional mask PNG: white = known (default: map != 0)")
     inp.add_argument("--clean-known", action="store_true",
                      help="paste the clean known latent at every step instead of re-noising it to t")
+    inp.add_argument("--fill-width", type=int, default=3,
+                     help="unknown pixels this close to the given ones (px) take the nearest given id before the "
+                          "known latent is encoded (0 = none; ldmseg.py section 11)")
     gen = p.add_argument_group("co-generation (--task cogen)")
     gen.add_argument("--prompt", default="", help="the caption to generate for")
     gen.add_argument("--num", type=int, default=8, help="samples to generate for the prompt")
@@ -1061,6 +1064,8 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     import ldmseg
     if len(args.image) != 1 or not args.known_map:
         raise SystemExit("--task inpaint needs one --image and a --known-map")
+    if args.fill_width < 0:
+        raise SystemExit(f"--fill-width {args.fill_width}: a width in pixels, >= 0")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = train_cfg["image_size"]
@@ -1071,7 +1076,7 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     if not cells.any():
         print("note: no 8x8 latent cell is fully known: plain segmentation")
     ids, _ = ldmseg.inpaint(model, x.permute(2, 0, 1)[None].to(device), given, cells, sampler=args.sampler,
-                            steps=args.steps, clean=args.clean_known,
+                            steps=args.steps, clean=args.clean_known, fill_width=args.fill_width,
                             generator=torch.Generator().manual_seed(args.seed))
     ids = data.nearest_resize(ids.numpy(), (im.height, im.width))
     given_full = data.nearest_resize(given.numpy(), (im.height, im.width))

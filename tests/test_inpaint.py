@@ -70,6 +70,38 @@ def test_given_ids_survive_inpainting_with_an_ideal_autoencoder(monkeypatch):
     assert torch.equal(out[pixel], gt[pixel]) and (own[~pixel] == 0).all()    # nothing invented
 
 
+def test_unknown_pixels_near_the_given_ones_take_the_nearest_given_id():
+    ids = torch.tensor([[[5, 0, 0, 0, 7, 0]]])                             # (1, 1, 6): 0 = unknown
+    assert ldmseg.fill_unknown_ids(ids, 9).tolist() == [[[5, 5, 7, 7, 7, 7]]]   # tie at the middle: larger id
+    assert ldmseg.fill_unknown_ids(ids, 0).tolist() == ids.tolist()
+    grid = torch.zeros(1, 7, 7, dtype=torch.long)
+    grid[0, 0, 0], grid[0, 6, 6] = 3, 9
+    one = ldmseg.fill_unknown_ids(grid, 1)[0]                              # chessboard distance <= 1
+    assert one[:2, :2].eq(3).all() and one[5:, 5:].eq(9).all() and int((one > 0).sum()) == 8
+    full = ldmseg.fill_unknown_ids(grid, 7)[0]
+    assert full[2, 2] == 3 and full[4, 4] == 9 and full[0, 6] == 9 and full[3, 3] == 9 and (full > 0).all()
+    assert torch.equal(ldmseg.fill_unknown_ids(torch.zeros(1, 4, 4, dtype=torch.long), 3), torch.zeros(1, 4, 4))
+
+
+@pytest.mark.parametrize("width", [0, 3])
+def test_inpaint_encodes_the_known_latent_from_the_map_filled_fill_width_pixels_out(monkeypatch, width):
+    model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
+    seen = []
+    encode = model.encode_ids
+    monkeypatch.setattr(model, "encode_ids", lambda ids: seen.append(ids.clone()) or encode(ids))
+    given = torch.zeros(32, 32, dtype=torch.long)
+    given[8:16, 8:16] = 4                                                   # one known cell, the rest unknown
+    cells = torch.zeros(4, 4)
+    cells[1, 1] = 1
+    ldmseg.inpaint(model, torch.zeros(1, 3, 32, 32), given, cells, steps=2, fill_width=width,
+                   generator=torch.Generator().manual_seed(0))
+    encoded = seen[0][0]                                                    # (32, 32) codes, 0 = void
+    code = int(encoded[8, 8])
+    expected = torch.zeros(32, 32, dtype=torch.long)
+    expected[8 - width:16 + width, 8 - width:16 + width] = code
+    assert code != 0 and torch.equal(encoded, expected)
+
+
 def test_new_segments_get_fresh_ids_that_never_collide_with_given_ones():
     pred = torch.tensor([[3, 3, 9], [0, 7, 7]])
     out = ldmseg.codes_to_user_ids(pred, {1000: 3, 5: 12})
@@ -120,3 +152,13 @@ def test_evaluate_cli_inpaint_prints_a_table_and_writes_a_plot(tiny_run, tmp_pat
     out = capsys.readouterr().out
     assert "| sparse | 0.5 |" in out and "| global | 0.0 |" in out
     assert (tmp_path / "inpainting.png").exists() and (tmp_path / "inpainting.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [(["--given", "0.5,x"], "--given"), (["--given", "1.5"], "--given"),
+                                            (["--given", "0.5", "--fill-width", "-1"], "--fill-width")])
+def test_evaluate_cli_inpaint_refuses_bad_fractions_and_widths(tiny_run, tmp_path, flags, message):
+    import evaluate
+    root, _ = tiny_run
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main(["--ckpt", str(root / "s2"), "--task", "inpaint", "--steps", "2", *flags,
+                       "--out-dir", str(tmp_path), "--device", "cpu"])
