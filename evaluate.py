@@ -771,7 +771,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 @torch.no_grad()
 def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Sequence[float],
                         sampler: str = "ddim", steps: int = 50, limit: int = 0, seed: int = 0,
-                        fill_width: int = 3) -> list[dict]:
+                        fill_width: int = 3, resample: int = 1) -> list[dict]:
     """PQ of inpainted maps as a function of the fraction of the map given.  [LDMSeg §5]
 
     For image i the known region is drawn from a generator seeded with (seed, i), so every fraction
@@ -795,7 +795,8 @@ def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Se
                      if mode == "sparse" else ldmseg.global_known_mask(h, w, g, generator=gen))
             pixel = cells.repeat_interleave(f, 0).repeat_interleave(f, 1).bool() & (gt > 0)
             _, pred = ldmseg.inpaint(model, item["image"][None].to(device), torch.where(pixel, gt, 0), cells,
-                                     sampler=sampler, steps=steps, fill_width=fill_width, generator=gen)
+                                     sampler=sampler, steps=steps, fill_width=fill_width, resample=resample,
+                                     generator=gen)
             acc.add(gt, item["segments_info"], pred, data.make_segments_info(pred.numpy()))
             kept += int((pred[pixel] == gt[pixel]).sum())
             total += int(pixel.sum())
@@ -847,11 +848,14 @@ def run_inpainting(args: argparse.Namespace) -> int:
     given = [0.0] + _fractions(args.given)
     if args.fill_width < 0:
         raise SystemExit(f"--fill-width {args.fill_width}: a width in pixels, >= 0")
+    if args.resample < 1 or (args.resample > 1 and args.sampler == "dpm++"):
+        raise SystemExit(f"--resample {args.resample}: an integer >= 1, and above 1 only with --sampler ddim or ddpm")
     model, ds, out = _model_and_split(args, "inpaint")
     rows = []
     for mode in (["sparse", "global"] if args.mode == "both" else [args.mode]):
         rows += evaluate_inpainting(model, ds, mode=mode, given=given, sampler=args.sampler, steps=args.steps,
-                                    limit=args.limit, seed=args.seed, fill_width=args.fill_width)
+                                    limit=args.limit, seed=args.seed, fill_width=args.fill_width,
+                                    resample=args.resample)
     out.mkdir(parents=True, exist_ok=True)
     print("| mode | given | PQ | SQ | RQ | given ids kept |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -1793,6 +1797,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpaint: which known-region masks (sparse blocks / large regions)")
     c.add_argument("--given", default="0.1,0.3,0.5,0.7,0.9",
                    help="inpaint: fractions of the map given (0 is always added as the baseline)")
+    c.add_argument("--resample", type=int, default=1,
+                   help="inpaint: RePaint's resampling, takes of every denoising step (1 = none; ddim / ddpm)")
     c.add_argument("--fill-width", type=int, default=3,
                    help="inpaint: unknown pixels this close to the given ones (px) take the nearest given id "
                         "before the known latent is encoded (0 = none; ldmseg.py section 11)")

@@ -342,11 +342,18 @@ class KnownRegion:
     Before every model call the known entries of x_t are replaced by a fresh sample of
     q(x_t | z0_known) = alpha_t z0_known + k sigma_t eps (one standard-normal draw of the part's
     shape from the sampler's generator), or by z0_known itself when clean=True; the returned x0
-    has its known entries equal to z0_known exactly.
+    has its known entries equal to z0_known exactly. resample = u > 1 takes every step but the
+    last u times, re-noising the result back between the takes (RePaint's resampling, DDIM and
+    DDPM only; section 5).
     """
     z0_known: Tensor        # (B, C, h, w) float: clean latent; only entries where mask = 1 matter
     mask: Tensor            # broadcastable to z0_known; 1 = known, 0 = to be generated
     clean: bool = False     # True: paste z0_known itself (PDM's given-map mode), not re-noised
+    resample: int = 1       # u: takes of each step (1 = none)  [RePaint Alg. 1, jump length 1]
+
+    def __post_init__(self):
+        if int(self.resample) != self.resample or self.resample < 1:
+            raise ValueError(f"resample must be an integer >= 1, got {self.resample}")
 
 
 @dataclass
@@ -451,6 +458,34 @@ def classifier_free_guidance(model_cond_uncond: Model, scale: float) -> Model:
     return guided
 
 
+# RePaint's resampling [RePaint §4.2, Alg. 1 lines 4 and 12]. Replacing the known entries keeps
+# them right, but the generated ones only ever see them through the model: an early step can commit
+# the unknown region to something the known region then contradicts, and later steps do not undo
+# it. With resample = u, each step t -> t_prev (but the last) is taken u times; between the takes
+# the result goes back to t through the forward process over that stride,
+#   x_t ~ q(x_t | x_prev) = N(sqrt(ab_t / ab_prev) x_prev, k^2 (1 - ab_t / ab_prev) I)   [DDPM Eq. 2],
+# so the model meets its own output beside fresh known entries again. Jumps of one step (RePaint
+# also goes back j > 1 steps at a time); u times the model calls. Only the per-step samplers:
+# DPM-Solver++'s multistep history would mix takes.
+
+
+def _resamples(run: _Run) -> int:
+    """u: how many takes of each step the known regions ask for (1 = no resampling)."""
+    return max([r.resample for r in run.known if r is not None] or [1])
+
+
+def _renoise(run: _Run, x: tuple[Tensor, ...], t_prev: int, t: int) -> tuple[Tensor, ...]:
+    """x_{t_prev} -> a sample of q(x_t | x_{t_prev}), t > t_prev  [DDPM Eq. 2 over the stride]"""
+    ratio = run.schedule.coefficients(t)[0] ** 2 / run.schedule.coefficients(t_prev)[0] ** 2
+    return tuple(math.sqrt(ratio) * p + k * math.sqrt(1 - ratio) * _randn(p, run.generator)
+                 for p, k in zip(x, run.noise_scales))
+
+
+def _takes(run: _Run, i: int, num_steps: int) -> int:
+    """Takes of step i of num_steps: u, but one for the last step (it lands on x0)."""
+    return 1 if i == num_steps - 1 else _resamples(run)
+
+
 def _impose_known(run: _Run, x: tuple[Tensor, ...], t: int) -> tuple[Tensor, ...]:
     """Replace the known entries of x_t by q(x_t | z0_known), or by z0_known (clean or t = CLEAN)."""
     # PAPER: LDMSeg keeps the known latents fixed at every step [LDMSeg brief §5]; re-noising them
@@ -515,10 +550,15 @@ def ddpm_sample(model: Model, x_T: State, schedule: NoiseSchedule, *, steps: Opt
     grid = make_timesteps(schedule.num_steps, steps or schedule.num_steps, spacing, offset).tolist()
     grid = grid + [CLEAN]                       # the last step lands on alpha_bar = 1: x0_pred
     for i, (t, t_prev) in enumerate(zip(grid[:-1], grid[1:])):
-        x = _impose_known(run, x, t)
-        x0, _ = _denoise(run, x, t)
-        _report(run, i, t, x, x0)
-        x = _ddpm_step(run, x, x0, t, t_prev)
+        takes = _takes(run, i, len(grid) - 1)
+        for take in range(takes):
+            if take:
+                x = _renoise(run, x, t_prev, t)     # RePaint's resampling (section 5)
+            x = _impose_known(run, x, t)
+            x0, _ = _denoise(run, x, t)
+            if take == takes - 1:
+                _report(run, i, t, x, x0)
+            x = _ddpm_step(run, x, x0, t, t_prev)
     return _out(run, _impose_known(run, x, CLEAN))
 
 
@@ -574,10 +614,15 @@ def ddim_sample(model: Model, x_T: State, schedule: NoiseSchedule, *, steps: int
     # QUIRK: after t_1 DDIM goes to alpha_bar_0 ("final_alpha_cumprod") unless set_alpha_to_one.
     grid = grid + [CLEAN if set_alpha_to_one else 0]
     for i, (t, t_prev) in enumerate(zip(grid[:-1], grid[1:])):
-        x = _impose_known(run, x, t)
-        x0, eps = _denoise(run, x, t)
-        _report(run, i, t, x, x0)
-        x = _ddim_step(run, x, x0, eps, t, t_prev, eta)
+        takes = _takes(run, i, len(grid) - 1)
+        for take in range(takes):
+            if take:
+                x = _renoise(run, x, t_prev, t)     # RePaint's resampling (section 5)
+            x = _impose_known(run, x, t)
+            x0, eps = _denoise(run, x, t)
+            if take == takes - 1:
+                _report(run, i, t, x, x0)
+            x = _ddim_step(run, x, x0, eps, t, t_prev, eta)
     # The known entries of the result are z0_known even when DDIM stops at alpha_bar_0.
     return _out(run, _impose_known(run, x, CLEAN))
 
@@ -819,6 +864,8 @@ def dpm_solver_pp_sample(model: Model, x_T: State, schedule: NoiseSchedule, *, s
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     run, x = _setup(model, x_T, schedule, prediction, noise_scale, known, generator, callback)
+    if _resamples(run) > 1:
+        raise ValueError("resampling a known region (resample > 1) needs a per-step sampler: ddim or ddpm")
     T = schedule.num_steps
     if method == "multistep":
         x = _dpm_multistep(run, x, make_timesteps(T, steps, spacing, offset).tolist(), order)
@@ -935,6 +982,9 @@ def build_parser() -> "argparse.ArgumentParser":
     inp.add_argument("--known-mask", default="", help="optional mask PNG: white = known (default: map != 0)")
     inp.add_argument("--clean-known", action="store_true",
                      help="paste the clean known latent at every step instead of re-noising it to t")
+    inp.add_argument("--resample", type=int, default=1,
+                     help="RePaint's resampling: take every denoising step this many times, re-noising in "
+                          "between (1 = none; ddim / ddpm; that many times the model calls)")
     inp.add_argument("--fill-width", type=int, default=3,
                      help="unknown pixels this close to the given ones (px) take the nearest given id before the "
                           "known latent is encoded (0 = none; ldmseg.py section 11)")
@@ -1066,6 +1116,8 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
         raise SystemExit("--task inpaint needs one --image and a --known-map")
     if args.fill_width < 0:
         raise SystemExit(f"--fill-width {args.fill_width}: a width in pixels, >= 0")
+    if args.resample < 1 or (args.resample > 1 and args.sampler == "dpm++"):
+        raise SystemExit(f"--resample {args.resample}: an integer >= 1, and above 1 only with --sampler ddim or ddpm")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = train_cfg["image_size"]
@@ -1077,6 +1129,7 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
         print("note: no 8x8 latent cell is fully known: plain segmentation")
     ids, _ = ldmseg.inpaint(model, x.permute(2, 0, 1)[None].to(device), given, cells, sampler=args.sampler,
                             steps=args.steps, clean=args.clean_known, fill_width=args.fill_width,
+                            resample=args.resample,
                             generator=torch.Generator().manual_seed(args.seed))
     ids = data.nearest_resize(ids.numpy(), (im.height, im.width))
     given_full = data.nearest_resize(given.numpy(), (im.height, im.width))

@@ -155,8 +155,10 @@ def test_evaluate_cli_inpaint_prints_a_table_and_writes_a_plot(tiny_run, tmp_pat
 
 
 @pytest.mark.parametrize("flags, message", [(["--given", "0.5,x"], "--given"), (["--given", "1.5"], "--given"),
-                                            (["--given", "0.5", "--fill-width", "-1"], "--fill-width")])
-def test_evaluate_cli_inpaint_refuses_bad_fractions_and_widths(tiny_run, tmp_path, flags, message):
+                                            (["--given", "0.5", "--fill-width", "-1"], "--fill-width"),
+                                            (["--given", "0.5", "--resample", "0"], "--resample"),
+                                            (["--given", "0.5", "--sampler", "dpm++", "--resample", "2"], "--resample")])
+def test_evaluate_cli_inpaint_refuses_bad_fractions_widths_and_resampling(tiny_run, tmp_path, flags, message):
     import evaluate
     root, _ = tiny_run
     with pytest.raises(SystemExit, match=message):

@@ -317,6 +317,44 @@ def test_clean_known_region_is_pasted_unchanged_at_every_step(schedule):
     assert all(torch.equal(x, z_known) for x in seen) and torch.equal(out, z_known)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_resampling_takes_every_step_but_the_last_u_times_and_keeps_the_known_region(schedule, sampler):
+    z_known, mask = randn(2, 4, 6, 6, seed=4), (randn(2, 1, 6, 6, seed=5) > 0).float()
+    calls, reports = [], []
+    model = lambda x, t: calls.append(int(t[0])) or oracle(schedule)(x, t)
+    fn = sample.ddim_sample if sampler == "ddim" else sample.ddpm_sample
+    out = fn(model, randn(2, 4, 6, 6), schedule, steps=4, known=KnownRegion(z_known, mask, resample=3),
+             generator=torch.Generator().manual_seed(0), callback=lambda i, t, x, x0: reports.append(i))
+    grid = sorted(set(calls), reverse=True)
+    assert len(grid) == 4 and calls == [t for t in grid[:3] for _ in range(3)] + [grid[3]]
+    assert reports == [0, 1, 2, 3]                                          # one report per step
+    assert torch.equal(out * mask, z_known * mask)
+    plain = fn(oracle(schedule), randn(2, 4, 6, 6), schedule, steps=4, known=KnownRegion(z_known, mask),
+               generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(out * (1 - mask), plain * (1 - mask))        # the takes change the result
+
+
+@pytest.mark.parametrize("k", [1.0, 2.0])
+def test_resampling_goes_back_through_the_forward_process_of_the_stride(schedule, k):
+    run, _ = sample._setup(oracle(schedule), torch.zeros(1), schedule, "eps", k, None,
+                           torch.Generator().manual_seed(0), None)
+    x = torch.full((200_000,), 1.5)
+    back = sample._renoise(run, (x,), 300, 500)[0]                          # q(x_500 | x_300)
+    ratio = schedule.alpha_bar[500].item() / schedule.alpha_bar[300].item()
+    assert back.mean().item() == pytest.approx(ratio ** 0.5 * 1.5, abs=0.01)
+    assert back.std().item() == pytest.approx(k * (1 - ratio) ** 0.5, rel=0.01)
+
+
+def test_resampling_is_refused_by_dpm_solver_and_needs_a_whole_number_of_takes(schedule):
+    z_known, mask = randn(1, 4, 4, 4), torch.ones(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="per-step sampler"):
+        sample.dpm_solver_pp_sample(oracle(schedule), randn(1, 4, 4, 4), schedule, steps=4,
+                                    known=KnownRegion(z_known, mask, resample=2))
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="resample"):
+            KnownRegion(z_known, mask, resample=bad)
+
+
 def test_known_region_on_one_part_of_a_tuple_state_leaves_the_other_free(schedule):
     model = lambda x, t: (oracle(schedule)(x[0], t), oracle(schedule, "x0", 2.0)(x[1], t))
     z_map = randn(2, 3, 4, 4, seed=6)
