@@ -481,9 +481,21 @@ def _renoise(run: _Run, x: tuple[Tensor, ...], t_prev: int, t: int) -> tuple[Ten
                  for p, k in zip(x, run.noise_scales))
 
 
-def _takes(run: _Run, i: int, num_steps: int) -> int:
-    """Takes of step i of num_steps: u, but one for the last step (it lands on x0)."""
-    return 1 if i == num_steps - 1 else _resamples(run)
+def _take_step(run: _Run, x: tuple[Tensor, ...], i: int, num_steps: int, t: int, t_prev: int,
+               step: Callable) -> tuple[Tensor, ...]:
+    """Step i (of num_steps) of a per-step sampler, t -> t_prev: impose the known region, call the
+    model, step(x_t, x0_pred, eps_pred) -> x_{t_prev}. With resampling the step is taken u times
+    (the last step once: it lands on x0), re-noised back to t in between; reported after the last take."""
+    takes = 1 if i == num_steps - 1 else _resamples(run)
+    for take in range(takes):
+        if take:
+            x = _renoise(run, x, t_prev, t)
+        x = _impose_known(run, x, t)
+        x0, eps = _denoise(run, x, t)
+        if take == takes - 1:
+            _report(run, i, t, x, x0)
+        x = step(x, x0, eps)
+    return x
 
 
 def _impose_known(run: _Run, x: tuple[Tensor, ...], t: int) -> tuple[Tensor, ...]:
@@ -550,15 +562,8 @@ def ddpm_sample(model: Model, x_T: State, schedule: NoiseSchedule, *, steps: Opt
     grid = make_timesteps(schedule.num_steps, steps or schedule.num_steps, spacing, offset).tolist()
     grid = grid + [CLEAN]                       # the last step lands on alpha_bar = 1: x0_pred
     for i, (t, t_prev) in enumerate(zip(grid[:-1], grid[1:])):
-        takes = _takes(run, i, len(grid) - 1)
-        for take in range(takes):
-            if take:
-                x = _renoise(run, x, t_prev, t)     # RePaint's resampling (section 5)
-            x = _impose_known(run, x, t)
-            x0, _ = _denoise(run, x, t)
-            if take == takes - 1:
-                _report(run, i, t, x, x0)
-            x = _ddpm_step(run, x, x0, t, t_prev)
+        x = _take_step(run, x, i, len(grid) - 1, t, t_prev,
+                       lambda x_t, x0, _: _ddpm_step(run, x_t, x0, t, t_prev))
     return _out(run, _impose_known(run, x, CLEAN))
 
 
@@ -614,15 +619,8 @@ def ddim_sample(model: Model, x_T: State, schedule: NoiseSchedule, *, steps: int
     # QUIRK: after t_1 DDIM goes to alpha_bar_0 ("final_alpha_cumprod") unless set_alpha_to_one.
     grid = grid + [CLEAN if set_alpha_to_one else 0]
     for i, (t, t_prev) in enumerate(zip(grid[:-1], grid[1:])):
-        takes = _takes(run, i, len(grid) - 1)
-        for take in range(takes):
-            if take:
-                x = _renoise(run, x, t_prev, t)     # RePaint's resampling (section 5)
-            x = _impose_known(run, x, t)
-            x0, eps = _denoise(run, x, t)
-            if take == takes - 1:
-                _report(run, i, t, x, x0)
-            x = _ddim_step(run, x, x0, eps, t, t_prev, eta)
+        x = _take_step(run, x, i, len(grid) - 1, t, t_prev,
+                       lambda x_t, x0, eps: _ddim_step(run, x_t, x0, eps, t, t_prev, eta))
     # The known entries of the result are z0_known even when DDIM stops at alpha_bar_0.
     return _out(run, _impose_known(run, x, CLEAN))
 
