@@ -2012,7 +2012,7 @@ def depth_picture(depth: Tensor, depth_range: tuple[float, float]) -> Tensor:
 # `resample` > 1 adds RePaint's resampling (sample.py section 5), off by default: on the same model
 # and 40 train images two takes per step lifted global-mask PQ (0.3 / 0.5 / 0.7 given: 23.4 / 36.7 /
 # 57.8 -> 26.3 / 42.2 / 58.5) and left sparse masks as they were, but on 40 val images it moved
-# every setting by -2.2 to +1.9 points with no direction (the README's table), for twice the calls.
+# every setting by -2.2 to +1.9 points with no direction (README, mask inpainting), for twice the calls.
 #
 # Masks live on the latent grid: the known region is imposed cell by cell, so a mask finer than a
 # latent cell (8 px) could not be honoured. PAPER: sparse masks drop independent 16 x 16 px blocks
