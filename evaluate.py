@@ -844,12 +844,12 @@ def _fractions(text: str) -> list[float]:
 
 def run_inpainting(args: argparse.Namespace) -> int:
     """Mode: PQ vs the fraction of the map given (sparse and / or global masks); table + plot."""
+    import ldmseg
     t0 = time.time()
     given = [0.0] + _fractions(args.given)
-    if args.fill_width < 0:
-        raise SystemExit(f"--fill-width {args.fill_width}: a width in pixels, >= 0")
-    if args.resample < 1 or (args.resample > 1 and args.sampler == "dpm++"):
-        raise SystemExit(f"--resample {args.resample}: an integer >= 1, and above 1 only with --sampler ddim or ddpm")
+    problem = ldmseg.inpaint_options_error(args.fill_width, args.resample, args.sampler)
+    if problem:
+        raise SystemExit(problem)
     model, ds, out = _model_and_split(args, "inpaint")
     rows = []
     for mode in (["sparse", "global"] if args.mode == "both" else [args.mode]):

@@ -2087,6 +2087,15 @@ def fill_unknown_ids(ids: Tensor, width: int) -> Tensor:
     return out
 
 
+def inpaint_options_error(fill_width: int, resample: int, sampler: str) -> str:
+    """What is wrong with these `inpaint` options, in the command line's words; '' when nothing is."""
+    if fill_width < 0:
+        return f"--fill-width {fill_width}: a width in pixels, >= 0"
+    if resample < 1 or (resample > 1 and sampler == "dpm++"):
+        return f"--resample {resample}: an integer >= 1, and above 1 only with --sampler ddim or ddpm"
+    return ""
+
+
 def _apply(table: dict[int, int], ids: Tensor) -> Tensor:
     """Map every value of ids through table (values not in it -> 0)."""
     out = torch.zeros_like(ids)

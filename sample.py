@@ -1112,10 +1112,9 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     import ldmseg
     if len(args.image) != 1 or not args.known_map:
         raise SystemExit("--task inpaint needs one --image and a --known-map")
-    if args.fill_width < 0:
-        raise SystemExit(f"--fill-width {args.fill_width}: a width in pixels, >= 0")
-    if args.resample < 1 or (args.resample > 1 and args.sampler == "dpm++"):
-        raise SystemExit(f"--resample {args.resample}: an integer >= 1, and above 1 only with --sampler ddim or ddpm")
+    problem = ldmseg.inpaint_options_error(args.fill_width, args.resample, args.sampler)
+    if problem:
+        raise SystemExit(problem)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = train_cfg["image_size"]
