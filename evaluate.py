@@ -741,10 +741,14 @@ def _model_and_split(args: argparse.Namespace, kind: str, stage: str = "2"):
     """(EMA model on the device, the split at the model's size, the output folder) for --ckpt modes."""
     import ldmseg
     import train
+    from sample import clamp_choice, no_clamp_for_multitask
     device = train.pick_device(args.device)
     ckpt = train.load_checkpoint(args.ckpt, stage)
+    if stage != "2":
+        no_clamp_for_multitask(args)
     with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
-        model = ldmseg.load_ldmseg(ckpt, time_shift=args.time_shift, depth_guide_sigma=args.depth_guide_sigma)
+        model = ldmseg.load_ldmseg(ckpt, time_shift=args.time_shift, depth_guide_sigma=args.depth_guide_sigma,
+                                   clamp_x0=clamp_choice(args.clamp_x0) if stage == "2" else None)
     model = model.to(device)
     cfg = ckpt["config"]
     ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
@@ -771,7 +775,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 @torch.no_grad()
 def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Sequence[float],
                         sampler: str = "ddim", steps: int = 50, limit: int = 0, seed: int = 0,
-                        fill_width: int = 3, resample: int = 1) -> list[dict]:
+                        fill_width: int = 3, resample: int = 1, clamp: bool = False) -> list[dict]:
     """PQ of inpainted maps as a function of the fraction of the map given.  [LDMSeg §5]
 
     For image i the known region is drawn from a generator seeded with (seed, i), so every fraction
@@ -796,7 +800,7 @@ def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Se
             pixel = cells.repeat_interleave(f, 0).repeat_interleave(f, 1).bool() & (gt > 0)
             _, pred = ldmseg.inpaint(model, item["image"][None].to(device), torch.where(pixel, gt, 0), cells,
                                      sampler=sampler, steps=steps, fill_width=fill_width, resample=resample,
-                                     generator=gen)
+                                     clamp=clamp, generator=gen)
             acc.add(gt, item["segments_info"], pred, data.make_segments_info(pred.numpy()))
             kept += int((pred[pixel] == gt[pixel]).sum())
             total += int(pixel.sum())
@@ -855,7 +859,7 @@ def run_inpainting(args: argparse.Namespace) -> int:
     for mode in (["sparse", "global"] if args.mode == "both" else [args.mode]):
         rows += evaluate_inpainting(model, ds, mode=mode, given=given, sampler=args.sampler, steps=args.steps,
                                     limit=args.limit, seed=args.seed, fill_width=args.fill_width,
-                                    resample=args.resample)
+                                    resample=args.resample, clamp=args.clamp_x0 == "on")
     out.mkdir(parents=True, exist_ok=True)
     print("| mode | given | PQ | SQ | RQ | given ids kept |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -1696,11 +1700,12 @@ def _cogen_helpers(args: argparse.Namespace, device: torch.device):
     """(LDMSeg model or None, its training size, FIDInception or None) from --seg-ckpt / --inception."""
     import ldmseg
     import train
+    from sample import clamp_choice
     seg_model = seg_size = inception = None
     if args.seg_ckpt:
         seg = train.load_checkpoint(args.seg_ckpt, "2")
         with train.weights_must_fit(args.seg_ckpt):
-            seg_model = ldmseg.load_ldmseg(seg)
+            seg_model = ldmseg.load_ldmseg(seg, clamp_x0=clamp_choice(args.clamp_x0))
         seg_model = seg_model.to(device)
         size = (seg.get("config") or {}).get("image_size")
         seg_size = (size, size) if size else None
@@ -1813,6 +1818,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--time-shift", type=time_shift_arg, default=None,
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); default: the "
                         "checkpoint's (shapes x0 runs: 300; 0 = none)")
+    c.add_argument("--clamp-x0", choices=["on", "off"], default=None,
+                   help="panoptic (and the --seg-ckpt of cogen): replace each x0 estimate by the latent of the map it "
+                        "decodes to (ldmseg.py section 8); default: the checkpoint's (shapes runs: on). inpaint: "
+                        "off unless on")
     c.add_argument("--depth-guide-sigma", type=guide_sigma_arg, default=None,
                    help="multi-task depth: upsample the depth latent guided by the image with this colour sigma "
                         "(ldmseg.py section 10); default: the checkpoint's (0.1); 0 = nearest")

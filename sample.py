@@ -949,6 +949,18 @@ def time_shift_arg(text: str) -> int:
     return value
 
 
+def clamp_choice(value: str | None) -> bool | None:
+    """--clamp-x0 on | off | not given -> True | False | None (the checkpoint's setting)."""
+    return None if value is None else value == "on"
+
+
+def no_clamp_for_multitask(args) -> None:
+    """Refuse --clamp-x0 on with a multi-task checkpoint: only the panoptic latent has a map to clamp to."""
+    if getattr(args, "clamp_x0", None) == "on":
+        raise SystemExit(f"{args.ckpt}: --clamp-x0 on needs a stage-2 checkpoint; a multi-task model's semantic and "
+                         f"depth latents have no mask decoder to clamp through (ldmseg.py section 8)")
+
+
 def guide_sigma_arg(text: str) -> float:
     """argparse type of --depth-guide-sigma: a colour sigma >= 0 ([-1, 1] RGB; 0 = nearest upsampling)."""
     import argparse
@@ -1009,6 +1021,9 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--time-shift", type=time_shift_arg, default=None,
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); "
                         "default: the checkpoint's (shapes x0 runs: 300; 0 = none)")
+    p.add_argument("--clamp-x0", choices=["on", "off"], default=None,
+                   help="panoptic: replace each x0 estimate by the latent of the map it decodes to (ldmseg.py "
+                        "section 8); default: the checkpoint's (shapes runs: on). inpaint: off unless on")
     p.add_argument("--depth-guide-sigma", type=guide_sigma_arg, default=None,
                    help="depth: upsample the depth latent guided by the image with this colour sigma (ldmseg.py "
                         "section 10); default: the checkpoint's (0.1); 0 = nearest")
@@ -1126,7 +1141,7 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
         print("note: no 8x8 latent cell is fully known: plain segmentation")
     ids, _ = ldmseg.inpaint(model, x.permute(2, 0, 1)[None].to(device), given, cells, sampler=args.sampler,
                             steps=args.steps, clean=args.clean_known, fill_width=args.fill_width,
-                            resample=args.resample,
+                            resample=args.resample, clamp=args.clamp_x0 == "on",
                             generator=torch.Generator().manual_seed(args.seed))
     ids = data.nearest_resize(ids.numpy(), (im.height, im.width))
     given_full = data.nearest_resize(given.numpy(), (im.height, im.width))
@@ -1281,6 +1296,7 @@ def multitask_images(args, device) -> Path:
     if args.task == "inpaint":
         raise SystemExit(f"{args.ckpt}: mask inpainting needs a stage-2 checkpoint (train.py --stage 2)")
     ckpt = train.load_checkpoint(args.ckpt, "multitask")
+    no_clamp_for_multitask(args)
     with train.weights_must_fit(args.ckpt):
         model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights, time_shift=args.time_shift,
                                    depth_guide_sigma=args.depth_guide_sigma).to(device)
@@ -1354,7 +1370,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ckpt = train.load_checkpoint(args.ckpt, "2")
     with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
-        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights, time_shift=args.time_shift)
+        model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights, time_shift=args.time_shift,
+                                   clamp_x0=clamp_choice(args.clamp_x0))
     model = model.to(device)
     try:
         if args.task == "inpaint":

@@ -1118,6 +1118,8 @@ class LDMSegStage(LatentStage):
             self.mcfg.time_shift = self.cfg.time_shift
         elif self.mcfg.prediction != self.base_config().prediction:
             self.mcfg.time_shift = 0              # the preset's shift was chosen for its own output type
+        if self.mcfg.prediction != self.base_config().prediction:
+            self.mcfg.clamp_x0 = False            # so was its clamping (ldmseg.py section 8)
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
         self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen

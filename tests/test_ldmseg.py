@@ -153,6 +153,90 @@ def test_sampling_reads_the_unet_output_as_its_configured_prediction(tiny_model,
         torch.testing.assert_close(x0_self, z0, atol=1e-4, rtol=0)
 
 
+class _ClampingOracle(_Oracle):
+    """The oracle with clamping on, and a transparent stand-in for the mask autoencoder (an untrained one
+    decodes every latent to void): channel 0 of a latent cell, rounded, is the id of its 8 x 8 pixels,
+    confidently; a map encodes back to its ids in channel 0 and zeros elsewhere."""
+
+    def __init__(self, model, z0, prediction, time_shift):
+        import dataclasses
+        super().__init__(model, z0, prediction, time_shift)
+        self.config = dataclasses.replace(self.config, clamp_x0=True)
+        self.mask_ae = model.mask_ae                                         # for its downsample factor (8)
+        self.num_ids = 2 ** self.config.mask_ae.num_bits
+
+    def decode_latent(self, z, size=None):
+        ids = z[:, 0].round().clamp(0, self.num_ids - 1).long()              # (B, h, w)
+        logits = torch.nn.functional.one_hot(ids, self.num_ids).permute(0, 3, 1, 2).float() * 10 - 5
+        return torch.nn.functional.interpolate(logits, size=size, mode="nearest")
+
+    def encode_ids(self, ids):
+        cells = torch.nn.functional.interpolate(ids[:, None].float(), scale_factor=1 / 8, mode="nearest")
+        return torch.cat([cells, torch.zeros_like(cells).expand(-1, 3, -1, -1)], dim=1)
+
+
+@pytest.mark.parametrize("time_shift", [0, 300])
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_clamping_hands_sampler_and_self_condition_the_latent_of_the_decoded_map(tiny_model, prediction, time_shift):
+    """With clamp_x0, every estimate is replaced by encode(decode(estimate)) before anything reads it:
+    the oracle's true latent z0 comes back as the latent of the map z0 decodes to, in the self-condition
+    of every later call and in the sampler's result (eps outputs too: the sampler is then handed x0)."""
+    z0 = 3 + 2 * torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    oracle = _ClampingOracle(tiny_model, z0, prediction, time_shift)
+    clamped = ldmseg.clamp_to_map(oracle, z0)
+    ids = z0[:, 0].round().clamp(0, oracle.num_ids - 1)
+    torch.testing.assert_close(clamped, torch.cat([ids[:, None], torch.zeros(1, 3, 4, 4)], dim=1))
+    assert ids.unique().numel() > 3                                          # a map of several segments
+    out = ldmseg.sample_latent(oracle, torch.zeros(1, 4, 4, 4), steps=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, clamped, atol=1e-4, rtol=0)
+    assert oracle.x0_selfs[0] is None and len(oracle.x0_selfs) == 4
+    for x0_self in oracle.x0_selfs[1:]:
+        torch.testing.assert_close(x0_self, clamped, atol=1e-5, rtol=0)
+
+
+def test_clamping_while_inpainting_decodes_the_given_cells_as_given(tiny_model):
+    """With a known region, the estimate is clamped with the known latent in its known cells, so the map
+    it is clamped to holds the given segments there (ldmseg.py section 8)."""
+    z0 = 3 + 2 * torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    z_known = 3 + 2 * torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2] = 1
+    oracle = _ClampingOracle(tiny_model, z0, "x0", 300)
+    ldmseg.sample_latent(oracle, torch.zeros(1, 4, 4, 4), steps=3, generator=torch.Generator().manual_seed(0),
+                         known=sample.KnownRegion(z_known, mask))
+    expected = ldmseg.clamp_to_map(oracle, torch.where(mask.bool(), z_known, z0))
+    assert not torch.allclose(expected, ldmseg.clamp_to_map(oracle, z0))     # the given cells change the map
+    for x0_self in oracle.x0_selfs[1:]:
+        torch.testing.assert_close(x0_self, expected, atol=1e-5, rtol=0)
+
+
+def test_inpainting_clamps_only_when_asked_and_segmentation_as_configured(monkeypatch):
+    import dataclasses
+    torch.manual_seed(0)
+    model = ldmseg.LDMSeg(dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), clamp_x0=True)).eval()
+    calls, real = [], ldmseg.clamp_to_map
+    monkeypatch.setattr(ldmseg, "clamp_to_map", lambda m, x0: calls.append(1) or real(m, x0))
+    given = torch.zeros(32, 32, dtype=torch.long)
+    given[:, :16] = 5
+    cells = torch.zeros(4, 4)
+    cells[:, :2] = 1
+    image, gen = torch.zeros(1, 3, 32, 32), torch.Generator().manual_seed(0)
+    ldmseg.inpaint(model, image, given, cells, steps=3, generator=gen)
+    assert calls == []                                                       # the model's config says clamp: not here
+    ldmseg.inpaint(model, image, given, cells, steps=3, clamp=True, generator=gen)
+    assert len(calls) == 3
+    ldmseg.segment(model, image, steps=2, generator=gen)
+    assert len(calls) == 5
+
+
+def test_clamping_belongs_to_single_task_models_and_the_shapes_preset():
+    import dataclasses
+    assert ldmseg.LDMSegConfig.preset("shapes").clamp_x0 and not ldmseg.LDMSegConfig.preset("coco").clamp_x0
+    assert not ldmseg.multitask_config("shapes").clamp_x0
+    with pytest.raises(ValueError, match="clamp_x0"):
+        dataclasses.replace(ldmseg.multitask_config("tiny"), clamp_x0=True)
+
+
 def test_x0_prediction_loss_is_the_unweighted_masked_x0_error(tiny_model):
     import dataclasses
     config = dataclasses.replace(tiny_model.config, prediction="x0", self_condition=False)
@@ -186,12 +270,15 @@ def test_sample_cli_writes_maps_overlays_trajectory_and_coco_predictions(stage2_
     root, shapes, _ = stage2_run
     img = next((shapes / "val").iterdir())
     shifts, load = [], ldmseg.load_ldmseg
-    monkeypatch.setattr(ldmseg, "load_ldmseg", lambda *a, **kw: shifts.append(kw["time_shift"]) or load(*a, **kw))
+    monkeypatch.setattr(ldmseg, "load_ldmseg",
+                        lambda *a, **kw: shifts.append((kw["time_shift"], kw["clamp_x0"])) or load(*a, **kw))
     sample.main(["--task", "panoptic", "--ckpt", str(root / "s2"), "--image", str(img), "--steps", "4",
-                 "--out-dir", str(tmp_path), "--save-trajectory", "--device", "cpu", "--time-shift", "100"])
-    assert shifts == [100]
-    with pytest.raises(SystemExit):
-        sample.build_parser().parse_args(["--ckpt", "x", "--time-shift", "-1"])
+                 "--out-dir", str(tmp_path), "--save-trajectory", "--device", "cpu", "--time-shift", "100",
+                 "--clamp-x0", "on"])
+    assert shifts == [(100, True)]
+    for bad in (["--time-shift", "-1"], ["--clamp-x0", "yes"]):
+        with pytest.raises(SystemExit):
+            sample.build_parser().parse_args(["--ckpt", "x"] + bad)
     stem = img.stem
     for suffix in ("_color.png", "_overlay.png", "_trajectory.png"):
         assert (tmp_path / f"{stem}{suffix}").exists()
@@ -267,11 +354,12 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
 
 def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, tmp_path, monkeypatch):
     """The preset's shift was chosen for its own recipe (shapes: x0); --prediction eps must not
-    inherit it (an eps output read at a later t fails, ldmseg.py section 8), unless asked for."""
+    inherit it (an eps output read at a later t fails, ldmseg.py section 8), unless asked for.
+    Nor its clamping, which was measured with that shift."""
     import dataclasses
     import train
     root, shapes = tiny_runs
-    preset = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0", time_shift=300)
+    preset = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0", time_shift=300, clamp_x0=True)
     monkeypatch.setattr(train.LDMSegStage, "base_config", lambda self: preset)
     common = ["--stage", "2", "--preset", "tiny", "--data", str(shapes), "--image-vae", str(root / "vae"),
               "--mask-ae", str(root / "s1"), "--num-workers", "0", "--preview-every", "0", "--device", "cpu",
@@ -279,4 +367,5 @@ def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, 
     for extra, expected in ((["--prediction", "eps"], 0), ([], 300), (["--prediction", "eps", "--time-shift", "7"], 7)):
         out = tmp_path / str(expected)
         train.main(common + extra + ["--out-dir", str(out)])
-        assert ldmseg.load_ldmseg(train.load_checkpoint(out / "ckpt.pt")).config.time_shift == expected
+        config = ldmseg.load_ldmseg(train.load_checkpoint(out / "ckpt.pt")).config
+        assert config.time_shift == expected and config.clamp_x0 == (expected == 300)   # clamping goes with x0

@@ -407,6 +407,12 @@ def test_depth_guide_sigma_flag_reaches_the_model(multitask_run, tmp_path, monke
     assert evaluate.main(["--ckpt", str(out), "--steps", "2", "--limit", "2", "--out-dir", str(tmp_path / "e"),
                           "--device", "cpu", "--depth-guide-sigma", "0.2"]) == 0
     assert sigmas == [0.0, 0.2]
+    with pytest.raises(SystemExit, match="clamp-x0 on needs a stage-2"):
+        sample.main(["--task", "depth", "--ckpt", str(out), "--image", str(img), "--steps", "2",
+                     "--out-dir", str(tmp_path / "s"), "--device", "cpu", "--clamp-x0", "on"])
+    with pytest.raises(SystemExit, match="clamp-x0 on needs a stage-2"):
+        evaluate.main(["--ckpt", str(out), "--steps", "2", "--limit", "2", "--out-dir", str(tmp_path / "e"),
+                       "--device", "cpu", "--clamp-x0", "on"])
     for parser in (sample.build_parser(), evaluate.build_parser()):
         with pytest.raises(SystemExit):
             parser.parse_args(["--ckpt", "x", "--depth-guide-sigma", "-1"])
@@ -455,8 +461,8 @@ def test_a_stage2_checkpoint_cannot_answer_the_depth_task(tiny_runs, tmp_path):
 
 def test_shapes_multitask_takes_stage2s_recipe_and_coco_the_papers():
     stage2, multi = ldmseg.LDMSegConfig.preset("shapes"), ldmseg.multitask_config("shapes")
-    assert (stage2.prediction, stage2.signal_scale, stage2.time_shift) == ("x0", 0.1, 300)
-    assert (multi.prediction, multi.signal_scale, multi.time_shift) == ("x0", 0.1, 300)
+    assert (stage2.prediction, stage2.signal_scale, stage2.time_shift, stage2.clamp_x0) == ("x0", 0.1, 300, True)
+    assert (multi.prediction, multi.signal_scale, multi.time_shift, multi.clamp_x0) == ("x0", 0.1, 300, False)
     assert multi.task_signal_scales == {"depth": 1.0} and stage2.task_signal_scales == {}
     assert multi.task_loss_weights == {"depth": 2.5} and stage2.task_loss_weights == {}
     assert multi.task_sample_weights == {"depth": 4.0} and stage2.task_sample_weights == {}
