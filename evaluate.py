@@ -748,7 +748,7 @@ def _model_and_split(args: argparse.Namespace, kind: str, stage: str = "2"):
         no_clamp_for_multitask(args)
     with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
         model = ldmseg.load_ldmseg(ckpt, time_shift=args.time_shift, depth_guide_sigma=args.depth_guide_sigma,
-                                   clamp_x0=clamp_choice(args.clamp_x0) if stage == "2" else None)
+                                   clamp_x0=clamp_choice(args.clamp_x0))
     model = model.to(device)
     cfg = ckpt["config"]
     ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
