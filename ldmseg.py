@@ -1307,19 +1307,23 @@ class LDMSegConfig:
         """`coco` (LDMSeg's released model), `shapes` or `tiny`: the three parts' presets."""
         # PAPER: LDMSeg scales its latents with s to lower the SNR, so the model relies more on the
         # image (brief §3.1, second-hand; §7). Ours are made unit-variance by stage 1 (s_t = 1 / std),
-        # so for Shapes a signal scale b < 1 lowers them. On 16 x 16 latents of flat segments,
-        # unit-variance latents stay legible through much of the noise, and the model then leans on
-        # z_t rather than on the image (Chen 2023, "On the importance of noise scheduling").
-        # DEVIATION (shapes only): x0-prediction, unweighted (section charter), at b = 0.1 (Pix2Seq-D
-        # scales its analog bits down the same way). Measured with the quick start's autoencoders
-        # (1,500 x 16, 200 val images, PQ DDIM 50 / DPM-Solver++ 20): eps at b = 0.3 1.4 / 4.7; x0 at
-        # b = 0.3 5.3 / 4.6; x0 at b = 0.1 5.9 / 5.4 (5.3 / 4.5 in another run: b is within run-to-run
-        # variation, x0 against eps is not). coco keeps the paper's eps, b = 1.
+        # and a signal scale b < 1 would lower them further (Chen 2023, "On the importance of noise
+        # scheduling"; Pix2Seq-D scales its analog bits down). Every preset keeps b = 1.
+        # DEVIATION (shapes only): x0-prediction, unweighted (section charter). Measured with the quick
+        # start's autoencoders (1,500 x 16, 200 val images, PQ DDIM 50 / DPM-Solver++ 20, before the time
+        # shift and clamping): eps at b = 0.3 1.4 / 4.7; x0 at b = 0.3 5.3 / 4.6; x0 at b = 0.1 5.9 / 5.4
+        # (5.3 / 4.5 in another run). The preset then took b = 0.1. With the time shift and clamping (2,400
+        # x 16, one thread each): x0 at b = 1 21.3 / 21.1 against 13.4 / 12.9 at b = 0.1, and on 100 *train*
+        # images (DDIM 20) 19.3 against 12.3. Random ids make a cell's id legible from z_t only where the
+        # noise leaves it so; at b = 0.1 that is t < 10 for a single cell, so the model meets the evidence
+        # it must group by image on 1 % of its samples, at b = 1 on a third of them. coco: the paper's eps.
         # DEVIATION (shapes only): sampled with time_shift 300 (section charter), chosen on 100 *train*
         # images (DDIM 20) of two x0 models: PQ 10.9 at 0, 18.0 at 100, 19.5 at 200, 20.3 at 300, 20.8
-        # at 400 (6,000 steps); 4.9, 5.4, 5.1, 5.2, 5.5 (1,500 steps).
-        # DEVIATION (shapes only): x0 clamped to a map at every sampling step (section charter).
-        extra = {"shapes": dict(signal_scale=0.1, prediction="x0", time_shift=300, clamp_x0=True)}.get(name, {})
+        # at 400 (6,000 steps); 4.9, 5.4, 5.1, 5.2, 5.5 (1,500 steps). At b = 1 (2,400 steps, clamped):
+        # 15.5 at 0, 17.7 at 100, 19.3 at 300, 18.6 at 600, so 300 stays.
+        # DEVIATION (shapes only): x0 clamped to a map at every sampling step (section charter). At b = 1
+        # (the same images): unclamped 7.6 / 10.4 / 14.4 / 16.0 at those shifts, so clamping stays.
+        extra = {"shapes": dict(prediction="x0", time_shift=300, clamp_x0=True)}.get(name, {})
         return cls(unet=UNetConfig.preset(name), mask_ae=MaskAEConfig.preset(name),
                    image_ae=ImageAEConfig.preset(name), **extra)
 
@@ -1659,9 +1663,9 @@ def load_ldmseg(ckpt: dict, use_ema: bool = True, time_shift: int | None = None,
 # things at 1-3 m a few hundredths apart.
 #
 # A signal scale per task: task_signal_scales holds semantic's and depth's own b; instance (stage 2's
-# latent) and any task not listed take signal_scale. Stage 2 scales its latent down (b = 0.1 for
-# Shapes, section 8) so that the image, not a still legible noisy latent, decides where each segment
-# lies and which of the random ids it takes. Semantic and depth latents have no random ids to choose:
+# latent) and any task not listed take signal_scale. The Shapes multi-task preset scales the instance
+# latent down (b = 0.1, stage 2's preset when it was measured; section 8) so that the image, not a still
+# legible noisy latent, decides where each segment lies and which of the random ids it takes. Semantic and depth latents have no random ids to choose:
 # each is a function of the image, to be read from it precisely (delta < 1.25 allows +-0.11 of the
 # [-1, 1] depth units, +-0.011 after b = 0.1). DEVIATION (shapes): depth at b = 1, drawn for 2/3 of
 # the samples with its loss weighted 2.5; instance and semantic at 0.1 (multitask_config, with the measurements).
@@ -1690,7 +1694,8 @@ def multitask_config(name: str) -> LDMSegConfig:
     """The preset's LDMSegConfig with all three tasks and cross-attention to their embeddings."""
     base = LDMSegConfig.preset(name)
     unet = dataclasses.replace(base.unet, context_dim=TASK_CONTEXT_DIM[name])
-    # DEVIATION (shapes only): stage 2's recipe (x0, b = 0.1, time shift 300; section 8). Measured with the former
+    # DEVIATION (shapes only): stage 2's recipe as it was measured here (x0, b = 0.1, time shift 300; section 8;
+    # stage 2 has since moved to b = 1, which was not tried for the three tasks). Measured with the former
     # quick start's autoencoders, 4,500 x 16, 200 val images, DDIM 50: class-aware PQ 29.9 (Stuff 67.2),
     # instance PQ 20.2, mIoU 38.8, depth delta<1.25 0.705, against 22.7, 8.0, 28.6, 0.487 for the paper's eps
     # at b = 0.3 (no shift), the preset before (README: on the present ones 27.3, 15.7, 40.7, 0.730). The
@@ -1716,7 +1721,7 @@ def multitask_config(name: str) -> LDMSegConfig:
     # 27.1 / 13.0 / 42.2 / 0.907 and 25.1 / 15.3 / 42.3 / 0.905; a second run of it (two threads, fresh clone)
     # 23.7 / 12.4 / 41.9 / 0.903 on val (the 4,500-step preset before: 28.0 / 12.8 / 40.4 / 0.873 and 28.3 /
     # 15.5 / 40.7 / 0.868; README).
-    extra = {"shapes": dict(task_signal_scales={"depth": 1.0}, task_loss_weights={"depth": 2.5},
+    extra = {"shapes": dict(signal_scale=0.1, task_signal_scales={"depth": 1.0}, task_loss_weights={"depth": 2.5},
                             task_sample_weights={"depth": 4.0})}.get(name, {})
     return dataclasses.replace(base, unet=unet, tasks=TASKS, clamp_x0=False, **extra)
 

@@ -459,9 +459,9 @@ def test_a_stage2_checkpoint_cannot_answer_the_depth_task(tiny_runs, tmp_path):
                      "--out-dir", str(tmp_path), "--device", "cpu"])
 
 
-def test_shapes_multitask_takes_stage2s_recipe_and_coco_the_papers():
+def test_shapes_stage2_and_multitask_presets_and_coco_the_papers():
     stage2, multi = ldmseg.LDMSegConfig.preset("shapes"), ldmseg.multitask_config("shapes")
-    assert (stage2.prediction, stage2.signal_scale, stage2.time_shift, stage2.clamp_x0) == ("x0", 0.1, 300, True)
+    assert (stage2.prediction, stage2.signal_scale, stage2.time_shift, stage2.clamp_x0) == ("x0", 1.0, 300, True)
     assert (multi.prediction, multi.signal_scale, multi.time_shift, multi.clamp_x0) == ("x0", 0.1, 300, False)
     assert multi.task_signal_scales == {"depth": 1.0} and stage2.task_signal_scales == {}
     assert multi.task_loss_weights == {"depth": 2.5} and stage2.task_loss_weights == {}
