@@ -1219,7 +1219,7 @@ class UNet(nn.Module):
 # fragmented. On the multi-task eps model (b = 0.3) a shift of 100 helps the categorical tasks
 # (class-aware PQ 23.8 -> 25.5) but not depth (delta<1.25 0.61 -> 0.49), and 300 ruins all three (an
 # eps output read at a t with small alpha has its error amplified by 1 / alpha). The multi-task preset
-# now predicts x0 at b = 0.1 as stage 2 does, and there the shift is all but neutral (section 10).
+# predicts x0 at b = 0.1 as stage 2 did, and there the shift is all but neutral (section 10).
 #
 # Clamping x0 to a map, a sampling setting (`clamp_x0`; DEVIATION: LDMSeg samples without it). With
 # random ids, the regression-optimal x0 of a cell whose id the noise has not yet settled is the mean over
@@ -1314,8 +1314,8 @@ class LDMSegConfig:
         # shift and clamping): eps at b = 0.3 1.4 / 4.7; x0 at b = 0.3 5.3 / 4.6; x0 at b = 0.1 5.9 / 5.4
         # (5.3 / 4.5 in another run). The preset then took b = 0.1. With the time shift and clamping (2,400
         # x 16, one thread each): x0 at b = 1 21.3 / 21.1 against 13.4 / 12.9 at b = 0.1, and on 100 *train*
-        # images (DDIM 20) 19.3 against 12.3. Random ids make a cell's id legible from z_t only where the
-        # noise leaves it so; at b = 0.1 that is t < 10 for a single cell, so the model meets the evidence
+        # images (DDIM 20) 19.3 against 13.0. Random ids make a cell's id legible from z_t only where the
+        # noise leaves it so; at b = 0.1 that is t < 11 for a single cell, so the model meets the evidence
         # it must group by image on 1 % of its samples, at b = 1 on a third of them. coco: the paper's eps.
         # DEVIATION (shapes only): sampled with time_shift 300 (section charter), chosen on 100 *train*
         # images (DDIM 20) of two x0 models: PQ 10.9 at 0, 18.0 at 100, 19.5 at 200, 20.3 at 300, 20.8
