@@ -1317,7 +1317,8 @@ class LDMSegConfig:
         # images (DDIM 20) 19.3 against 13.0. Random ids make a cell's id legible from z_t only where the
         # noise leaves it so; at b = 0.1 that is t < 11 for a single cell, so the model meets the evidence
         # it must group by image on 1 % of its samples, at b = 1 on a third of them. One run at b = 2: 24.8 /
-        # 23.4 on val, 22.2 on train; not adopted (DPM-Solver++ 1.4 points below DDIM; shift not re-checked).
+        # 23.4 on val, 22.2 on train (shift 300; 19.9 / 19.8 at 100 / 600); not adopted (DPM-Solver++ 20 1.4
+        # points below DDIM 50; clamping not re-checked).
         # coco: the paper's eps.
         # DEVIATION (shapes only): sampled with time_shift 300 (section charter), chosen on 100 *train*
         # images (DDIM 20) of two x0 models: PQ 10.9 at 0, 18.0 at 100, 19.5 at 200, 20.3 at 300, 20.8
