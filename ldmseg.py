@@ -1316,16 +1316,22 @@ class LDMSegConfig:
         # x 16, one thread each): x0 at b = 1 21.3 / 21.1 against 13.4 / 12.9 at b = 0.1, and on 100 *train*
         # images (DDIM 20) 19.3 against 13.0. Random ids make a cell's id legible from z_t only where the
         # noise leaves it so; at b = 0.1 that is t < 11 for a single cell, so the model meets the evidence
-        # it must group by image on 1 % of its samples, at b = 1 on a third of them. One run at b = 2: 24.8 /
-        # 23.4 on val, 22.2 on train (shift 300; 19.9 / 19.8 at 100 / 600); not adopted (DPM-Solver++ 20 1.4
-        # points below DDIM 50; clamping not re-checked).
+        # it must group by image on 1 % of its samples, at b = 1 on a third of them.
+        # Tried and not adopted: b = 2. Three runs: 24.8 / 23.4 (two threads), 25.3 / 24.5 (one thread, beside
+        # a b = 4 run, which scored 14.3 / 12.6), and the quick start itself at b = 2 (fresh clone, two
+        # threads) 20.9 / 20.0, against b = 1's 20.8 / 20.4 (the quick start) and 21.3 / 21.1. On the 100
+        # train images the first scored 22.2 (shifts 100 / 600: 19.9 / 19.8), the second 21.4 (16.0
+        # unclamped). Perhaps two points on average, within one run's spread, and the quick start gained
+        # nothing; DPM-Solver++ 20 lands 0.8-1.4 below DDIM 50 at b = 2 (three sampling seeds) though 0.4
+        # above DDIM 20. b = 1 stays.
         # coco: the paper's eps.
         # DEVIATION (shapes only): sampled with time_shift 300 (section charter), chosen on 100 *train*
         # images (DDIM 20) of two x0 models: PQ 10.9 at 0, 18.0 at 100, 19.5 at 200, 20.3 at 300, 20.8
         # at 400 (6,000 steps); 4.9, 5.4, 5.1, 5.2, 5.5 (1,500 steps). At b = 1 (2,400 steps, clamped):
-        # 15.5 at 0, 17.7 at 100, 19.3 at 300, 18.6 at 600, so 300 stays.
+        # 15.5 at 0, 17.7 at 100, 19.3 at 300, 18.6 at 600 (a b = 2 model: 19.9 / 22.2 / 19.8 at 100 / 300 / 600).
         # DEVIATION (shapes only): x0 clamped to a map at every sampling step (section charter). At b = 1
-        # (the same images): unclamped 7.6 / 10.4 / 14.4 / 16.0 at those shifts, so clamping stays.
+        # (the same images): unclamped 7.6 / 10.4 / 14.4 / 16.0 at those shifts (a b = 2 model at 300: 16.0
+        # against 21.4 clamped). Clamping stays.
         extra = {"shapes": dict(prediction="x0", time_shift=300, clamp_x0=True)}.get(name, {})
         return cls(unet=UNetConfig.preset(name), mask_ae=MaskAEConfig.preset(name),
                    image_ae=ImageAEConfig.preset(name), **extra)
