@@ -65,9 +65,35 @@ def test_given_ids_survive_inpainting_with_an_ideal_autoencoder(monkeypatch):
     cells = torch.tensor([[1.0, 0, 1, 1], [1, 0, 0, 1], [0, 1, 0, 1], [1, 1, 1, 0]])
     pixel = cells.repeat_interleave(8, 0).repeat_interleave(8, 1).bool()
     out, own = ldmseg.inpaint(model, torch.zeros(1, 3, 32, 32), torch.where(pixel, gt, 0), cells, steps=5,
-                              generator=torch.Generator().manual_seed(0))
+                              fit_steps=0, generator=torch.Generator().manual_seed(0))   # the sampler alone
     assert torch.equal(own[pixel], gt[pixel])                               # the model's own output keeps them
     assert torch.equal(out[pixel], gt[pixel]) and (own[~pixel] == 0).all()    # nothing invented
+
+
+def test_fitting_the_latent_makes_the_given_pixels_decode_to_their_codes_and_leaves_far_cells(monkeypatch):
+    model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
+    assert model.config.mask_ae.num_bits == 4                               # the codec's 16 ids
+    codec = IdealCodec()
+    # A decoder that, like the mask AE's, reads the neighbouring cells: each cell's latent mixed with theirs.
+    mix = lambda z: 0.7 * z + 0.3 * F.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
+    decode = lambda z, size: codec.decode_latent(mix(z), size)
+    monkeypatch.setattr(model.mask_ae, "decode_full", lambda u, size: decode(u * model.latent_scale, size))
+    sampled = torch.zeros(1, 32, 32, dtype=torch.long)
+    sampled[0, :, :16], sampled[0, :, 16:] = 3, 6                          # what the sampler drew
+    codes = torch.zeros(1, 32, 32, dtype=torch.long)
+    codes[0, :8, :8] = 9                                                    # one given cell, with another code
+    z0 = codec.encode_ids(sampled)                                          # (1, 4, 4, 4)
+    assert ldmseg.fit_latent_to_given(model, z0, codes, steps=0) is z0     # 0 steps: untouched
+    fitted = ldmseg.fit_latent_to_given(model, z0, codes, steps=60, lr=0.1)
+    before, after = decode(z0, (32, 32)).argmax(1), decode(fitted, (32, 32)).argmax(1)
+    assert (before[:, :8, :8] == 3).all() and (after[:, :8, :8] == 9).all()  # the given cell now decodes as given
+    assert torch.equal(fitted[..., 2:, :], z0[..., 2:, :]) and torch.equal(fitted[..., 2:], z0[..., 2:])  # out of reach
+    assert not torch.equal(fitted[..., :2, :2], z0[..., :2, :2])
+    movable = torch.zeros(4, 4)
+    movable[0, 0] = 1                                                       # inpaint's choice: the known cells only
+    only = ldmseg.fit_latent_to_given(model, z0, codes, steps=60, lr=0.5, movable=movable)  # one cell: farther
+    assert (decode(only, (32, 32)).argmax(1)[:, :8, :8] == 9).all()
+    assert torch.equal(only * (1 - movable), z0 * (1 - movable)) and not torch.equal(only, z0)
 
 
 def test_unknown_pixels_near_the_given_ones_take_the_nearest_given_id():
@@ -157,6 +183,7 @@ def test_evaluate_cli_inpaint_prints_a_table_and_writes_a_plot(tiny_run, tmp_pat
 @pytest.mark.parametrize("flags, message", [(["--given", "0.5,x"], "--given"), (["--given", "1.5"], "--given"),
                                             (["--given", "0.5", "--fill-width", "-1"], "--fill-width"),
                                             (["--given", "0.5", "--resample", "0"], "--resample"),
+                                            (["--given", "0.5", "--fit-steps", "-1"], "--fit-steps"),
                                             (["--given", "0.5", "--sampler", "dpm++", "--resample", "2"], "--resample")])
 def test_evaluate_cli_inpaint_refuses_bad_fractions_widths_and_resampling(tiny_run, tmp_path, flags, message):
     import evaluate
