@@ -27,7 +27,8 @@ Contents (`grep -n '^# [0-9]' ldmseg.py`)
   9. Decoding                      [LDMSeg brief §4] logits -> panoptic segments (argmax + thresholds)
  10. Multi-task LDMSeg             [LDMSeg §6 / Fig. 1] instance, semantic and depth latents, the
                                    task-sampling rule, per-task decoding, the class-aware merge
- 11. Mask inpainting               [LDMSeg brief §5; ReSample] zero-shot, known latents kept during sampling, then fitted
+ 11. Mask inpainting               [LDMSeg brief §5; ReSample] zero-shot, known latents kept during
+                                   sampling, the known cells then fitted to the given pixels
  12. Weight loading                Stable Diffusion / diffusers / CompVis checkpoints by name
 
 Run
@@ -1674,7 +1675,8 @@ def load_ldmseg(ckpt: dict, use_ema: bool = True, time_shift: int | None = None,
 # A signal scale per task: task_signal_scales holds semantic's and depth's own b; instance (stage 2's
 # latent) and any task not listed take signal_scale. The Shapes multi-task preset scales the instance
 # latent down (b = 0.1, stage 2's preset when it was measured; section 8) so that the image, not a still
-# legible noisy latent, decides where each segment lies and which of the random ids it takes. Semantic and depth latents have no random ids to choose:
+# legible noisy latent, decides where each segment lies and which of the random ids it takes.
+# Semantic and depth latents have no random ids to choose:
 # each is a function of the image, to be read from it precisely (delta < 1.25 allows +-0.11 of the
 # [-1, 1] depth units, +-0.011 after b = 0.1). DEVIATION (shapes): depth at b = 1, drawn for 2/3 of
 # the samples with its loss weighted 2.5; instance and semantic at 0.1 (multitask_config, with the measurements).
@@ -2094,8 +2096,8 @@ def depth_picture(depth: Tensor, depth_range: tuple[float, float]) -> Tensor:
 # (lr 0.05) through the frozen decoder on the mask AE's own two loss terms (section 4), cross-entropy
 # + per-id BCE, towards the given codes on the given pixels. The generated cells stay as sampled, the
 # map is still the decoder's output of one latent, and nothing is pasted.
-# Chosen on 40 *train* images (the one-thread b = 2 model of section 8's preset comment, DDIM 20; PQ and the share
-# of given ids kept, sparse 0.1 / 0.5, then global 0.1 / 0.5):
+# Chosen on 40 *train* images (the one-thread b = 2 model of section 8's preset comment, DDIM 20; PQ
+# and the share of given ids kept, sparse 0.1 / 0.5, then global 0.1 / 0.5):
 #   no fit                                  12.2 / 52.6 (83.5 / 96.8 %), 13.0 / 39.9 (96.0 / 98.1 %)
 #   every cell free, 50 steps               8.3 / 61.7 (99.0 / 99.5 %),  6.9 / 31.8 (99.6 / 99.5 %)
 #   the known cells only, 50 steps (kept)   12.0 / 59.7 (95.4 / 98.7 %), 13.5 / 42.6 (98.4 / 99.4 %)
