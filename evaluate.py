@@ -776,13 +776,13 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Sequence[float],
                         sampler: str = "ddim", steps: int = 50, limit: int = 0, seed: int = 0,
                         fill_width: int = 3, resample: int = 1, clamp: bool = False,
-                        fit_steps: int = 50) -> list[dict]:
+                        fit_steps: int = 50, guide_steps: int = 5) -> list[dict]:
     """PQ of inpainted maps as a function of the fraction of the map given.  [LDMSeg §5]
 
     For image i the known region is drawn from a generator seeded with (seed, i), so every fraction
     sees the same images; sparse masks are nested (a block given at 0.3 is given at 0.5). PQ scores
-    the model's own output over the whole image -- the decoding of its latent (after the known cells'
-    fit, fit_steps; ldmseg.py section 11), the given pixels *not* pasted back -- so it measures how
+    the model's own output over the whole image -- the decoding of its latent (fitted to the given
+    pixels, guide_steps / fit_steps; ldmseg.py section 11), the given pixels *not* pasted back -- so it measures how
     much the hint helped. `kept` is the share of given pixels whose id the model kept.
     """
     import ldmseg
@@ -802,7 +802,7 @@ def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Se
             pixel = cells.repeat_interleave(f, 0).repeat_interleave(f, 1).bool() & (gt > 0)
             _, pred = ldmseg.inpaint(model, item["image"][None].to(device), torch.where(pixel, gt, 0), cells,
                                      sampler=sampler, steps=steps, fill_width=fill_width, resample=resample,
-                                     clamp=clamp, fit_steps=fit_steps, generator=gen)
+                                     clamp=clamp, fit_steps=fit_steps, guide_steps=guide_steps, generator=gen)
             acc.add(gt, item["segments_info"], pred, data.make_segments_info(pred.numpy()))
             kept += int((pred[pixel] == gt[pixel]).sum())
             total += int(pixel.sum())
@@ -853,7 +853,8 @@ def run_inpainting(args: argparse.Namespace) -> int:
     import ldmseg
     t0 = time.time()
     given = [0.0] + _fractions(args.given)
-    problem = ldmseg.inpaint_options_error(args.fill_width, args.resample, args.sampler, args.fit_steps)
+    problem = ldmseg.inpaint_options_error(args.fill_width, args.resample, args.sampler, args.fit_steps,
+                                           args.guide_steps)
     if problem:
         raise SystemExit(problem)
     model, ds, out = _model_and_split(args, "inpaint")
@@ -861,7 +862,8 @@ def run_inpainting(args: argparse.Namespace) -> int:
     for mode in (["sparse", "global"] if args.mode == "both" else [args.mode]):
         rows += evaluate_inpainting(model, ds, mode=mode, given=given, sampler=args.sampler, steps=args.steps,
                                     limit=args.limit, seed=args.seed, fill_width=args.fill_width,
-                                    resample=args.resample, clamp=args.clamp_x0 == "on", fit_steps=args.fit_steps)
+                                    resample=args.resample, clamp=args.clamp_x0 == "on", fit_steps=args.fit_steps,
+                                    guide_steps=args.guide_steps)
     out.mkdir(parents=True, exist_ok=True)
     print("| mode | given | PQ | SQ | RQ | given ids kept |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -1810,8 +1812,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpaint: unknown pixels this close to the given ones (px) take the nearest given id "
                         "before the known latent is encoded (0 = none; ldmseg.py section 11)")
     c.add_argument("--fit-steps", type=int, default=50,
-                   help="inpaint: Adam steps fitting the known cells of the sampled latent to the given pixels "
-                        "through the mask decoder (0 = none; ldmseg.py section 11)")
+                   help="inpaint: Adam steps fitting the sampled latent's known cells and their neighbours to the "
+                        "given pixels, the rest held as sampled (0 = none; ldmseg.py section 11)")
+    c.add_argument("--guide-steps", type=int, default=5,
+                   help="inpaint: Adam steps fitting every denoising step's x0 estimate (the known cells and their "
+                        "neighbours) to the given pixels (0 = none; ldmseg.py section 11)")
     c.add_argument("--data", default="", help="dataset folder; default: the one the checkpoint trained on")
     c.add_argument("--split", default="val", help="split to sample")
     c.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")

@@ -999,8 +999,11 @@ def build_parser() -> "argparse.ArgumentParser":
                      help="unknown pixels this close to the given ones (px) take the nearest given id before the "
                           "known latent is encoded (0 = none; ldmseg.py section 11)")
     inp.add_argument("--fit-steps", type=int, default=50,
-                     help="Adam steps fitting the known cells of the sampled latent to the given pixels through "
-                          "the mask decoder (0 = none; ldmseg.py section 11)")
+                     help="Adam steps fitting the sampled latent's known cells and their neighbours to the given "
+                          "pixels, the rest held as sampled (0 = none; ldmseg.py section 11)")
+    inp.add_argument("--guide-steps", type=int, default=5,
+                     help="Adam steps fitting every denoising step's x0 estimate (the known cells and their "
+                          "neighbours) to the given pixels (0 = none; ldmseg.py section 11)")
     gen = p.add_argument_group("co-generation (--task cogen)")
     gen.add_argument("--prompt", default="", help="the caption to generate for")
     gen.add_argument("--num", type=int, default=8, help="samples to generate for the prompt")
@@ -1130,7 +1133,8 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     import ldmseg
     if len(args.image) != 1 or not args.known_map:
         raise SystemExit("--task inpaint needs one --image and a --known-map")
-    problem = ldmseg.inpaint_options_error(args.fill_width, args.resample, args.sampler, args.fit_steps)
+    problem = ldmseg.inpaint_options_error(args.fill_width, args.resample, args.sampler, args.fit_steps,
+                                           args.guide_steps)
     if problem:
         raise SystemExit(problem)
     out = Path(args.out_dir)
@@ -1145,6 +1149,7 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     ids, _ = ldmseg.inpaint(model, x.permute(2, 0, 1)[None].to(device), given, cells, sampler=args.sampler,
                             steps=args.steps, clean=args.clean_known, fill_width=args.fill_width,
                             resample=args.resample, clamp=args.clamp_x0 == "on", fit_steps=args.fit_steps,
+                            guide_steps=args.guide_steps,
                             generator=torch.Generator().manual_seed(args.seed))
     ids = data.nearest_resize(ids.numpy(), (im.height, im.width))
     given_full = data.nearest_resize(given.numpy(), (im.height, im.width))

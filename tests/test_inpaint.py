@@ -65,7 +65,7 @@ def test_given_ids_survive_inpainting_with_an_ideal_autoencoder(monkeypatch):
     cells = torch.tensor([[1.0, 0, 1, 1], [1, 0, 0, 1], [0, 1, 0, 1], [1, 1, 1, 0]])
     pixel = cells.repeat_interleave(8, 0).repeat_interleave(8, 1).bool()
     out, own = ldmseg.inpaint(model, torch.zeros(1, 3, 32, 32), torch.where(pixel, gt, 0), cells, steps=5,
-                              fit_steps=0, generator=torch.Generator().manual_seed(0))   # the sampler alone
+                              fit_steps=0, guide_steps=0, generator=torch.Generator().manual_seed(0))  # sampler alone
     assert torch.equal(own[pixel], gt[pixel])                               # the model's own output keeps them
     assert torch.equal(out[pixel], gt[pixel]) and (own[~pixel] == 0).all()    # nothing invented
 
@@ -90,10 +90,65 @@ def test_fitting_the_latent_makes_the_given_pixels_decode_to_their_codes_and_lea
     assert torch.equal(fitted[..., 2:, :], z0[..., 2:, :]) and torch.equal(fitted[..., 2:], z0[..., 2:])  # out of reach
     assert not torch.equal(fitted[..., :2, :2], z0[..., :2, :2])
     movable = torch.zeros(4, 4)
-    movable[0, 0] = 1                                                       # inpaint's choice: the known cells only
+    movable[0, 0] = 1                                                       # one movable cell
     only = ldmseg.fit_latent_to_given(model, z0, codes, steps=60, lr=0.5, movable=movable)  # one cell: farther
     assert (decode(only, (32, 32)).argmax(1)[:, :8, :8] == 9).all()
     assert torch.equal(only * (1 - movable), z0 * (1 - movable)) and not torch.equal(only, z0)
+
+
+def test_hold_keeps_the_other_pixels_as_sampled_while_the_given_cell_is_fitted(monkeypatch):
+    model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
+    codec = IdealCodec()
+    mix = lambda z: 0.7 * z + 0.3 * F.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
+    decode = lambda z, size: codec.decode_latent(mix(z), size)
+    monkeypatch.setattr(model.mask_ae, "decode_full", lambda u, size: decode(u * model.latent_scale, size))
+    sampled = torch.zeros(1, 32, 32, dtype=torch.long)
+    sampled[0, :, :16], sampled[0, :, 16:] = 3, 6
+    codes = torch.zeros(1, 32, 32, dtype=torch.long)
+    codes[0, :8, :8] = 9
+    z0 = codec.encode_ids(sampled)
+    before = decode(z0, (32, 32)).argmax(1)
+    free = decode(ldmseg.fit_latent_to_given(model, z0, codes, steps=100, lr=0.5), (32, 32)).argmax(1)
+    held = decode(ldmseg.fit_latent_to_given(model, z0, codes, steps=100, lr=0.5, hold=0.3), (32, 32)).argmax(1)
+    assert (free[:, :8, :8] == 9).all() and (held[:, :8, :8] == 9).all()
+    assert (free != before)[codes == 0].sum() > 50                          # a hard fit redraws the neighbours
+    assert torch.equal(held[codes == 0], before[codes == 0])                # held: they decode as sampled
+
+
+def test_near_cells_are_the_known_cells_and_their_eight_neighbours():
+    known = torch.zeros(5, 5)
+    known[0, 0] = known[3, 3] = 1
+    near = ldmseg.near_cells(known)
+    assert near[:2, :2].eq(1).all() and near[2:, 2:].eq(1).all() and int(near.sum()) == 4 + 9
+
+
+def test_sampling_steps_from_the_x0_estimate_x0_fn_returns():
+    model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
+    seen = []
+    fn = lambda x0: seen.append(x0.clone()) or torch.full_like(x0, 0.25)
+    for sampler in ("ddim", "dpm++", "ddpm"):
+        with torch.no_grad():
+            z0 = ldmseg.sample_latent(model, torch.zeros(1, 4, 4, 4), sampler=sampler, steps=3, x0_fn=fn,
+                                      generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(z0, torch.full_like(z0, 0.25), atol=1e-5), sampler   # every step saw 0.25 as x0
+    assert len(seen) >= 9 and not torch.allclose(seen[0], torch.full_like(seen[0], 0.25))
+
+
+def test_inpaint_fits_every_x0_estimate_on_the_known_cells_and_their_neighbours(monkeypatch):
+    model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
+    calls = []
+    fit = ldmseg.fit_latent_to_given
+    monkeypatch.setattr(ldmseg, "fit_latent_to_given", lambda m, z, codes, steps=50, lr=0.05, movable=None, hold=0.0:
+                        calls.append((steps, movable.clone(), hold)) or fit(m, z, codes, steps, lr, movable, hold))
+    given = torch.zeros(32, 32, dtype=torch.long)
+    given[8:16, 8:16] = 4
+    cells = torch.zeros(4, 4)
+    cells[1, 1] = 1
+    ldmseg.inpaint(model, torch.zeros(1, 3, 32, 32), given, cells, steps=4, guide_steps=3, fit_steps=7,
+                   generator=torch.Generator().manual_seed(0))
+    assert [c[0] for c in calls] == [3, 3, 3, 3, 7]                          # each of the 4 steps, then the final fit
+    assert all(torch.equal(c[1], ldmseg.near_cells(cells)) for c in calls)
+    assert [c[2] > 0 for c in calls] == [False] * 4 + [True]                # the final fit holds the rest
 
 
 def test_unknown_pixels_near_the_given_ones_take_the_nearest_given_id():
@@ -184,6 +239,7 @@ def test_evaluate_cli_inpaint_prints_a_table_and_writes_a_plot(tiny_run, tmp_pat
                                             (["--given", "0.5", "--fill-width", "-1"], "--fill-width"),
                                             (["--given", "0.5", "--resample", "0"], "--resample"),
                                             (["--given", "0.5", "--fit-steps", "-1"], "--fit-steps"),
+                                            (["--given", "0.5", "--guide-steps", "-1"], "--guide-steps"),
                                             (["--given", "0.5", "--sampler", "dpm++", "--resample", "2"], "--resample")])
 def test_evaluate_cli_inpaint_refuses_bad_fractions_widths_and_resampling(tiny_run, tmp_path, flags, message):
     import evaluate
