@@ -1775,7 +1775,7 @@ def run_cogen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sample import guide_sigma_arg, time_shift_arg
+    from sample import add_inpaint_options, guide_sigma_arg, time_shift_arg
     p = argparse.ArgumentParser(description="Panoptic quality of COCO-format predictions "
                                 "(panopticapi semantics), or of a trained model: LDMSeg PQ, the inpainting "
                                 "curve, PDM co-generation metrics (MCD, caption agreement, consistency, FID).",
@@ -1806,17 +1806,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpaint: which known-region masks (sparse blocks / large regions)")
     c.add_argument("--given", default="0.1,0.3,0.5,0.7,0.9",
                    help="inpaint: fractions of the map given (0 is always added as the baseline)")
-    c.add_argument("--resample", type=int, default=1,
-                   help="inpaint: RePaint's resampling, takes of every denoising step (1 = none; ddim / ddpm)")
-    c.add_argument("--fill-width", type=int, default=3,
-                   help="inpaint: unknown pixels this close to the given ones (px) take the nearest given id "
-                        "before the known latent is encoded (0 = none; ldmseg.py section 11)")
-    c.add_argument("--fit-steps", type=int, default=50,
-                   help="inpaint: Adam steps fitting the sampled latent's known cells and their neighbours to the "
-                        "given pixels, the rest held as sampled (0 = none; ldmseg.py section 11)")
-    c.add_argument("--guide-steps", type=int, default=5,
-                   help="inpaint: Adam steps fitting every denoising step's x0 estimate (the known cells and their "
-                        "neighbours) to the given pixels (0 = none; ldmseg.py section 11)")
+    add_inpaint_options(c, prefix="inpaint: ")
     c.add_argument("--data", default="", help="dataset folder; default: the one the checkpoint trained on")
     c.add_argument("--split", default="val", help="split to sample")
     c.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")

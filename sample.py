@@ -970,6 +970,22 @@ def guide_sigma_arg(text: str) -> float:
     return value
 
 
+def add_inpaint_options(group, prefix: str = "") -> None:
+    """Inpainting's options (`ldmseg.inpaint`) on an argparse group, for this file and evaluate.py."""
+    group.add_argument("--resample", type=int, default=1,
+                       help=prefix + "RePaint's resampling: take every denoising step this many times, re-noising "
+                            "in between (1 = none; ddim / ddpm; that many times the model calls)")
+    group.add_argument("--fill-width", type=int, default=3,
+                       help=prefix + "unknown pixels this close to the given ones (px) take the nearest given id "
+                            "before the known latent is encoded (0 = none; ldmseg.py section 11)")
+    group.add_argument("--fit-steps", type=int, default=50,
+                       help=prefix + "Adam steps fitting the sampled latent's known cells and their neighbours to "
+                            "the given pixels, the rest held as sampled (0 = none; ldmseg.py section 11)")
+    group.add_argument("--guide-steps", type=int, default=5,
+                       help=prefix + "Adam steps fitting every denoising step's x0 estimate (the known cells and "
+                            "their neighbours) to the given pixels (0 = none; ldmseg.py section 11)")
+
+
 def build_parser() -> "argparse.ArgumentParser":
     import argparse
     p = argparse.ArgumentParser(description="Sample a trained model: segment images (LDMSeg) or co-generate "
@@ -992,18 +1008,7 @@ def build_parser() -> "argparse.ArgumentParser":
     inp.add_argument("--known-mask", default="", help="optional mask PNG: white = known (default: map != 0)")
     inp.add_argument("--clean-known", action="store_true",
                      help="paste the clean known latent at every step instead of re-noising it to t")
-    inp.add_argument("--resample", type=int, default=1,
-                     help="RePaint's resampling: take every denoising step this many times, re-noising in "
-                          "between (1 = none; ddim / ddpm; that many times the model calls)")
-    inp.add_argument("--fill-width", type=int, default=3,
-                     help="unknown pixels this close to the given ones (px) take the nearest given id before the "
-                          "known latent is encoded (0 = none; ldmseg.py section 11)")
-    inp.add_argument("--fit-steps", type=int, default=50,
-                     help="Adam steps fitting the sampled latent's known cells and their neighbours to the given "
-                          "pixels, the rest held as sampled (0 = none; ldmseg.py section 11)")
-    inp.add_argument("--guide-steps", type=int, default=5,
-                     help="Adam steps fitting every denoising step's x0 estimate (the known cells and their "
-                          "neighbours) to the given pixels (0 = none; ldmseg.py section 11)")
+    add_inpaint_options(inp)
     gen = p.add_argument_group("co-generation (--task cogen)")
     gen.add_argument("--prompt", default="", help="the caption to generate for")
     gen.add_argument("--num", type=int, default=8, help="samples to generate for the prompt")
