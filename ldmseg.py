@@ -2293,7 +2293,7 @@ def fit_latent_to_given(model: LDMSeg, z0: Tensor, codes: Tensor, steps: int = 5
 
 
 def near_cells(known: Tensor) -> Tensor:
-    """(h, w) latent-grid mask -> the cells it marks and their 8 neighbours (the mask decoder's 3 x 3 reach)."""
+    """(h, w) latent-grid mask -> the cells it marks and their 8 neighbours (a decoder conv reads 3 x 3 cells)."""
     return F.max_pool2d(known[None, None].float(), 3, stride=1, padding=1)[0, 0]
 
 
