@@ -117,6 +117,7 @@ class TrainConfig:
     mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
     prediction: str = ""             # stage 2 / multitask: the UNet's output, eps (min-SNR weighted, LDMSeg) | x0 (unweighted); "" = the preset's
     signal_scale: float = 0.0        # stage 2 / multitask: b, the diffusion sees b x the unit-variance mask latent; 0 = the preset's
+    id_order: str = ""               # stage 2 / multitask: the training ids, random (fresh per sample, LDMSeg) | raster (first-pixel order, data.py section 2); "" = the preset's (random)
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
@@ -213,6 +214,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--prediction takes eps or x0 and belongs to --stage 2 / all / multitask, got {cfg.prediction!r}")
     if cfg.signal_scale and (cfg.stage not in ("2", "multitask") or cfg.signal_scale < 0):
         raise SystemExit(f"--signal-scale takes a positive b and belongs to --stage 2 / all / multitask, got {cfg.signal_scale}")
+    if cfg.id_order and (cfg.stage not in ("2", "multitask") or cfg.id_order not in data.ID_ORDERS):
+        raise SystemExit(f"--id-order takes {' or '.join(data.ID_ORDERS)} and belongs to --stage 2 / all / multitask, "
+                         f"got {cfg.id_order!r}")
     if cfg.time_shift != -1 and (cfg.stage not in ("2", "multitask") or not 0 <= cfg.time_shift < 1000):
         raise SystemExit(f"--time-shift takes 0..999 and belongs to --stage 2 / all / multitask, got {cfg.time_shift}")
     if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
@@ -1114,6 +1118,8 @@ class LDMSegStage(LatentStage):
             self.mcfg.prediction = self.cfg.prediction
         if self.cfg.signal_scale:
             self.mcfg.signal_scale = self.cfg.signal_scale
+        if self.cfg.id_order:
+            self.mcfg.id_order = self.cfg.id_order
         if self.cfg.time_shift >= 0:
             self.mcfg.time_shift = self.cfg.time_shift
         elif self.mcfg.prediction != self.base_config().prediction:
@@ -1141,7 +1147,7 @@ class LDMSegStage(LatentStage):
 
     def loss(self, model, batch, generator):
         import ldmseg
-        ids = data.remap_ids(batch["segments"], self.mcfg.mask_ae.num_bits, generator)
+        ids = data.order_ids(batch["segments"], self.mcfg.mask_ae.num_bits, self.mcfg.id_order, generator)  # PAPER: random
         z0, z_image = self.net.encode_ids(ids), self.image_latents(batch)
         valid = ldmseg.void_mask_latent(batch["segments"], *z0.shape[-2:])
         return ldmseg.ldmseg_loss(model, self.mcfg, self.net.schedule, z0.float(), z_image.float(), valid, generator)

@@ -73,6 +73,30 @@ def test_remap_ids_is_injective_keeps_void_and_follows_the_generator():
         data.remap_ids(ids, 3)
 
 
+def test_raster_ids_number_segments_by_first_pixel_whatever_their_labels():
+    ids = torch.tensor([[[0, 7, 7, 0],
+                         [3, 3, 7, 9],
+                         [3, 3, 9, 9]],
+                        [[0, 0, 0, 0],
+                         [0, 5, 5, 0],
+                         [2, 2, 2, 2]]])
+    expected = torch.tensor([[[0, 1, 1, 0],
+                              [2, 2, 1, 3],
+                              [2, 2, 3, 3]],
+                             [[0, 0, 0, 0],
+                              [0, 1, 1, 0],
+                              [2, 2, 2, 2]]])
+    assert torch.equal(data.raster_ids(ids), expected)
+    relabelled = torch.tensor([0, 0, 40, 11, 0, 70000000, 0, 6, 0, 1])[ids]  # another injective labelling
+    assert torch.equal(data.raster_ids(relabelled), expected)
+    assert torch.equal(data.order_ids(ids, 4, "raster"), expected)
+    assert torch.equal(data.raster_ids(torch.zeros(1, 2, 2, dtype=torch.long)), torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="at most 3"):
+        data.order_ids(torch.arange(5).reshape(1, 1, 5), 2, "raster")
+    with pytest.raises(ValueError, match="id order"):
+        data.order_ids(ids, 4, "area")
+
+
 def test_cap_segments_drops_the_smallest_segments():
     ids = np.array([[1, 1, 1, 2, 2, 3, 0]])
     capped, dropped = data.cap_segments(ids, 2)

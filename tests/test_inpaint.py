@@ -39,6 +39,15 @@ def test_too_many_given_segments_is_a_clear_error():
         ldmseg.codes_for_given_ids(torch.arange(20).reshape(4, 5), 4)
 
 
+def test_a_raster_model_gets_its_given_segments_numbered_in_first_pixel_order():
+    given = torch.tensor([[0, 0, 52, 52],
+                          [8, 8, 52, 0],
+                          [0, 3, 3, 3]])
+    assert ldmseg.codes_for_given_ids(given, 4, order="raster") == {52: 1, 8: 2, 3: 3}
+    random = ldmseg.codes_for_given_ids(given, 4, torch.Generator().manual_seed(0))
+    assert sorted(random) == [3, 8, 52] and len(set(random.values())) == 3
+
+
 class IdealCodec:
     """An exact 'autoencoder' for maps constant on 8x8 cells: latent = bits averaged per cell (K = 4)."""
 

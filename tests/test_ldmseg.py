@@ -331,24 +331,30 @@ def test_stage2_starts_from_stable_diffusion_weights_in_both_layouts(stage2_run,
     assert model.config.image_ae.scale_factor == 0.18215
 
 
-def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkpoint_rebuilds(tiny_runs, tmp_path):
+def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkpoint_rebuilds(tiny_runs, tmp_path,
+                                                                                              monkeypatch):
+    import data
     import train
     root, shapes = tiny_runs
+    orders, order_ids = [], data.order_ids
+    monkeypatch.setattr(data, "order_ids", lambda ids, k, order, g=None: orders.append(order) or order_ids(ids, k, order, g))
     metrics = train.main(["--stage", "2", "--prediction", "x0", "--signal-scale", "0.2", "--time-shift", "40",
-                          "--preset", "tiny", "--data", str(shapes),
+                          "--id-order", "raster", "--preset", "tiny", "--data", str(shapes),
                           "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--out-dir", str(tmp_path),
                           "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2",
                           "--eval-images", "1", "--log-every", "2"])
     assert 0.0 <= metrics["pq_ddim3"] <= 1.0
     config = ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt")).config
     assert config.prediction == "x0" and config.signal_scale == 0.2 and config.time_shift == 40
+    assert config.id_order == "raster" and orders == ["raster", "raster"]      # the two training steps' targets
     assert ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt"), time_shift=0).config.time_shift == 0
     with pytest.raises(ValueError, match="time_shift"):
         ldmseg.LDMSegConfig(time_shift=1000)
     for bad in (["--stage", "2", "--prediction", "v"], ["--stage", "vae", "--prediction", "x0"],
                 ["--stage", "1", "--signal-scale", "0.2"], ["--stage", "2", "--signal-scale", "-1"],
-                ["--stage", "2", "--time-shift", "1000"], ["--stage", "1", "--time-shift", "5"]):
-        with pytest.raises(SystemExit, match="--prediction|--signal-scale|--time-shift"):
+                ["--stage", "2", "--time-shift", "1000"], ["--stage", "1", "--time-shift", "5"],
+                ["--stage", "2", "--id-order", "area"], ["--stage", "1", "--id-order", "raster"]):
+        with pytest.raises(SystemExit, match="--prediction|--signal-scale|--time-shift|--id-order"):
             train.main(bad)
 
 
