@@ -2191,9 +2191,8 @@ def codes_for_given_ids(given_ids: Tensor, num_bits: int, generator: torch.Gener
         raise ValueError(f"the given map has {len(user)} segments but the model holds {capacity} ids "
                          f"({num_bits} bits); merge or drop the smallest segments first")
     if order == "raster":
-        ranks = raster_ids(given_ids.reshape(1, -1))[0]                  # (HW,) 1..n in first-pixel order
-        flat = given_ids.reshape(-1)
-        return {u: int(ranks[flat == u][0]) for u in user}
+        ranks = raster_ids(given_ids[None])[0]                            # (H, W) 1..n in first-pixel order
+        return {u: int(ranks[given_ids == u][0]) for u in user}
     codes = (torch.randperm(capacity, generator=generator)[:len(user)] + 1).tolist()
     return dict(zip(user, codes))
 
