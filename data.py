@@ -10,8 +10,8 @@ written in the same format, so one loader, one trainer and one evaluator serve S
 
 Contents
   1. COCO panoptic file format      rgb2id / id2rgb, PNG and JSON read / write, clear errors
-  2. Map encodings                  [LDMSeg §3.1] random id remap + analog bits, [PDM §2.5] category bits,
-                                    colour rendering of maps
+  2. Map encodings                  [LDMSeg §3.1] random id remap (or raster ids, an option) + analog
+                                    bits, [PDM §2.5] category bits, colour rendering of maps
   3. Shapes                         the procedural dataset writer (images, panoptic PNG + JSON,
                                     captions, 16-bit depth), deterministic per (seed, i)
   4. Dataset                        one torch Dataset for any COCO-format panoptic folder, paired
