@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: MIT
 """Benchmarks: speed.py runs at the tiny preset and prints every section (no timing claims); the mask
 decoder's resolution ceiling is exact where it must be; the latent probe scores what it says; the depth
-ceiling replays Shapes' depth draws exactly and finds the analytic best depth."""
+ceiling replays Shapes' depth draws exactly and finds the analytic best depth; the precision check reads
+every logged loss, flags a mode outside either tolerance, and trains each mode from one seed."""
 import os
 import sys
 
@@ -96,3 +97,30 @@ def test_depth_ceiling_cli_prints_both_oracles(capsys):
     depth_ceiling.main(["--num", "2", "--size", "32", "--draws", "500"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("oracle")]
     assert len(rows) == 2 and all("delta<1.25" in r for r in rows)
+
+
+def test_precision_reads_every_logged_loss_and_flags_a_mode_outside_either_tolerance(tmp_path):
+    import precision
+    (tmp_path / "log.txt").write_text("stage 1 | preset tiny\nstep 000001 | loss 4.0000 (ce 1.0) | lr 1e-3 | "
+                                      "9.0 it/s | eta 0m01s\nstep 000002 | loss 2.0000 | lr 1e-3 | 9.0 it/s\nfinal | pq 0.5\n")
+    assert precision.read_losses(tmp_path) == [4.0, 2.0]
+    run = lambda first, mean: {"first": first, "last_quarter_mean": mean, "seconds": 1.0, "steps": 10}
+    rows = precision.compare("1", {"fp32": run(4.0, 2.0), "bf16": run(4.01, 2.06), "bf16+compile": run(4.2, 2.0)},
+                             first_tol=0.02, mean_tol=0.05)
+    assert [row.split()[-1] for row in rows] == ["reference", "yes", "NO"]
+    rows = precision.compare("1", {"fp32": run(4.0, 2.0), "bf16": run(4.0, 2.2)}, first_tol=0.02, mean_tol=0.05)
+    assert rows[1].split()[-1] == "NO"
+
+
+def test_precision_cli_trains_each_mode_from_one_seed_and_writes_results(tiny_runs, tmp_path, capsys):
+    import precision
+    args = ["--preset", "tiny", "--device", "cpu", "--stages", "1", "--modes", "fp32,bf16", "--steps", "3",
+            "--data", str(tiny_runs[1]), "--out", str(tmp_path / "runs"), "--eval-images", "2",
+            "--num-workers", "0"]
+    assert precision.main(args) in (0, 1)
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["1"]]
+    assert [r[1] for r in rows] == ["fp32", "bf16"] and rows[0][-1] == "reference"
+    results = __import__("json").loads((tmp_path / "runs" / "results.json").read_text())
+    assert set(results["1"]) == {"fp32", "bf16"} and results["1"]["fp32"]["steps"] == 3
+    assert abs(results["1"]["bf16"]["first"] - results["1"]["fp32"]["first"]) < 0.05 * results["1"]["fp32"]["first"]
