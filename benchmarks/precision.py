@@ -10,10 +10,12 @@ torch.compile (--modes picks) -- logging the loss at every step, and prints:
   * the mean loss over the last quarter of the run, the figure a training curve is judged by. The
     trajectories themselves diverge slowly (rounding differences grow through the updates), so
     step-by-step equality is not expected after the first step;
-  * wall-clock time and steps/s of each run (the compiled run's time includes compilation).
+  * wall-clock time and steps/s of each whole run: compilation, the end-of-run evaluation and, for the
+    first run, writing Shapes when --data does not exist yet are all in it.
 A mode agrees when its first-step loss is within --first-tol and its last-quarter mean within
---mean-tol (relative) of the reference's. Stage 2 runs on the reference's autoencoders in every
-mode, so the stage-2 runs differ in their own arithmetic only. The end-of-run evaluations are
+--mean-tol (relative) of the reference's. Stage 2 runs on the same frozen autoencoders in every
+mode (the reference mode's runs when this call trained them, else train.py's default ones), so the
+stage-2 runs differ in their own arithmetic only. The end-of-run evaluations are
 shortened (--eval-images) since only the losses are compared here.
 
 Run (a CUDA device; on a CPU bf16 autocast is slower and compile rarely pays, so train.py keeps fp32):
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help="modes to run; the first is the reference")
     p.add_argument("--preset", default="shapes", help="train.py preset")
     p.add_argument("--data", default="data/shapes", help="dataset folder (Shapes written there if missing)")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--steps", type=int, default=300, help="training steps per run")
     p.add_argument("--device", default="cuda", help="device (bf16 autocast is what train.py uses on CUDA)")
     p.add_argument("--out", default="runs/precision", help="folder for the runs and results.json")
     p.add_argument("--eval-images", type=int, default=16, help="val images of each run's end-of-run evaluation")
