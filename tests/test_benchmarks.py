@@ -3,6 +3,7 @@
 decoder's resolution ceiling is exact where it must be; the latent probe scores what it says; the depth
 ceiling replays Shapes' depth draws exactly and finds the analytic best depth; the precision check reads
 every logged loss, flags a mode outside either tolerance, and trains each mode from one seed."""
+import json
 import os
 import sys
 
@@ -121,6 +122,6 @@ def test_precision_cli_trains_each_mode_from_one_seed_and_writes_results(tiny_ru
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["1"]]
     assert [r[1] for r in rows] == ["fp32", "bf16"] and rows[0][-1] == "reference"
-    results = __import__("json").loads((tmp_path / "runs" / "results.json").read_text())
+    results = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert set(results["1"]) == {"fp32", "bf16"} and results["1"]["fp32"]["steps"] == 3
     assert abs(results["1"]["bf16"]["first"] - results["1"]["fp32"]["first"]) < 0.05 * results["1"]["fp32"]["first"]
