@@ -767,8 +767,17 @@ class PanopticDataset(torch.utils.data.Dataset):
             return ((H0 - s) // 2, (W0 - s) // 2, s, s), flip
         return (0, 0, H0, W0), flip
 
-    def __getitem__(self, idx: int) -> dict:
-        """Item idx (see the class docstring); with skip_bad a bad item is replaced by the next good one."""
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item idx (see the class docstring); with skip_bad a bad item is replaced by the next good one.
+
+        key is idx, or (epoch, idx): a stream that crosses epochs (train.batch_stream) sends the epoch
+        with every index, so one set of DataLoader workers serves the whole run.
+        """
+        if isinstance(key, tuple):
+            epoch, idx = key
+            self.set_epoch(epoch)                          # this process's copy: a worker's or the main one's
+        else:
+            idx = key
         if not self.skip_bad:                             # the normal path: errors go up, naming the file
             return self._item(idx)
         skipped = []

@@ -562,18 +562,27 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def batch_stream(ds: data.PanopticDataset, cfg: TrainConfig, dist: Dist, device: torch.device, start: int):
-    """Yield training batches from global step `start` on, in the same order as an uninterrupted run."""
-    per_epoch = len(epoch_batches(len(ds), cfg.batch_size, dist, cfg.seed, 0))
+def epoch_keys(num_items: int, cfg: TrainConfig, dist: Dist, start: int):
+    """This rank's batches of (epoch, index) keys from global step `start` on, epoch after epoch."""
+    per_epoch = len(epoch_batches(num_items, cfg.batch_size, dist, cfg.seed, 0))
     epoch, offset = divmod(start, per_epoch)
     while True:
-        ds.set_epoch(epoch)                                   # workers fork after this: they see the epoch
-        batches = epoch_batches(len(ds), cfg.batch_size, dist, cfg.seed, epoch)[offset:]
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             collate_fn=data.collate, pin_memory=device.type == "cuda")
-        for b in loader:
-            yield _to_device(b, device)
+        for b in epoch_batches(num_items, cfg.batch_size, dist, cfg.seed, epoch)[offset:]:
+            yield [(epoch, i) for i in b]
         epoch, offset = epoch + 1, 0
+
+
+def batch_stream(ds: data.PanopticDataset, cfg: TrainConfig, dist: Dist, device: torch.device, start: int):
+    """Yield training batches from global step `start` on, in the same order as an uninterrupted run.
+
+    One DataLoader for the whole run: each key carries its epoch, so the workers start once and keep
+    prefetching across epoch ends, where a loader per epoch would restart them and drain its queue.
+    """
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=epoch_keys(len(ds), cfg, dist, start),
+                                         num_workers=cfg.num_workers, collate_fn=data.collate,
+                                         pin_memory=device.type == "cuda")
+    for b in loader:
+        yield _to_device(b, device)
 
 
 class StopFlag:

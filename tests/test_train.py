@@ -45,6 +45,22 @@ def test_every_flag_has_help_and_a_default_in_help_text():
             assert action.help and action.help != action.dest
 
 
+def test_batch_stream_crosses_epochs_with_one_set_of_workers(shapes32):
+    """The stream's items equal the dataset's own at each batch's epoch, workers forked once."""
+    ds = data.shapes_dataset(shapes32, "train", train=True, load_depth=False)
+    cfg = train.TrainConfig(batch_size=4, num_workers=2, seed=3)            # 3 batches per epoch
+    stream = train.batch_stream(ds, cfg, train.Dist(), torch.device("cpu"), start=2)
+    got = [next(stream) for _ in range(5)]                                   # steps 2..6: epochs 0, 1, 2
+    for k, batch in enumerate(got):
+        epoch, offset = divmod(2 + k, 3)
+        index = train.epoch_batches(12, 4, train.Dist(), 3, epoch)[offset]
+        ds.set_epoch(epoch)
+        want = data.collate([ds[i] for i in index])
+        assert batch["index"] == index and batch["flipped"] == want["flipped"]
+        assert torch.equal(batch["image"], want["image"]) and torch.equal(batch["segments"], want["segments"])
+    assert len({tuple(b["flipped"]) for b in got}) > 1
+
+
 @pytest.mark.parametrize("stage", ["vae", "1"])
 def test_cli_trains_a_tiny_stage_and_writes_its_run_folder(shapes32, tmp_path, stage):
     metrics = train.main(_args(shapes32, tmp_path / "run", stage, "--max-steps", "4"))
