@@ -864,7 +864,22 @@ class PanopticDataset(torch.utils.data.Dataset):
             contig, dropped = cap_segments(contig, self.max_segments)
             self.num_dropped_segments += dropped
         present = set(np.unique(contig).tolist())
-        return contig, [s for s in info if s["id"] in present], dropped
+        info = [s for s in info if s["id"] in present]
+        if self.max_segments is not None and contig.max(initial=0) > self.max_segments:
+            contig, info = _renumber(contig, info)
+        return contig, info, dropped
+
+
+def _renumber(contig: np.ndarray, info: list[dict]) -> tuple[np.ndarray, list[dict]]:
+    """Ids 1..n for the n segments in `info`, in their order: a capped map whose ids still run past
+    the cap (crowd, tiny or dropped segments leave gaps) fits the bits without merging ids.
+
+    Only done where needed: ids that fit keep their segments_info order, and with them the draws
+    of the random id remap (`remap_ids`) that a run's results depend on.
+    """
+    table = np.zeros(int(contig.max(initial=0)) + 1, np.int64)
+    table[[s["id"] for s in info]] = np.arange(1, len(info) + 1)
+    return table[contig], [{**s, "id": j} for j, s in enumerate(info, start=1)]
 
 
 def collate(batch: list[dict]) -> dict:

@@ -217,6 +217,24 @@ def test_coco_fixture_loads_any_image_mode_and_applies_training_cleanup(tmp_path
         assert e["category"][10, 20] == 7
 
 
+def test_a_capped_map_is_renumbered_to_fit_the_bits(tmp_path):
+    """20 segments, cap 15: the 5 smallest go void and the rest keep distinct ids 1..15."""
+    _coco_fixture(tmp_path, ["RGB"])
+    ids = np.zeros((20, 30), np.int64)
+    for k in range(20):
+        ids[k, :10 + k] = 100 + k                                            # row k, area 10 + k: the first rows are smallest
+    data.write_panoptic_png(tmp_path / "annotations" / "panoptic_val2017" / "0.png", ids)
+    meta = json.loads((tmp_path / "annotations" / "panoptic_val2017.json").read_text())
+    meta["annotations"][0]["segments_info"] = data.make_segments_info(ids, {})
+    (tmp_path / "annotations" / "panoptic_val2017.json").write_text(json.dumps(meta))
+    item = data.shapes_dataset(tmp_path, "val", size=None, max_segments=15)[0]
+    seg = item["segments"]
+    assert item["dropped_segments"] == 5 and sorted(seg.unique().tolist()) == list(range(16))
+    assert [s["id"] for s in item["segments_info"]] == list(range(1, 16))
+    assert all(s["area"] == 15 + j for j, s in enumerate(item["segments_info"]))   # rows 5..19, in order
+    assert (seg[:5] == 0).all() and (seg[5, :15] == 1).all() and (seg[19, :29] == 15).all()
+
+
 def test_ade20k_layout_is_found(tmp_path):
     _coco_fixture(tmp_path / "coco", ["RGB", "L"])
     ade = tmp_path / "ADEChallengeData2016"
