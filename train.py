@@ -1320,7 +1320,7 @@ class CaptionStage(LatentStage):
             import cogen
             pdm = cogen.PDMConfig.preset(self.cfg.preset)
             kw = dict(size=self.cfg.image_size, seed=self.cfg.seed, resize_mode="center_crop", hflip=False,
-                      max_segments=2 ** pdm.instance_bits - 1 if pdm.panoptic else None)
+                      max_segments=2 ** pdm.instance_bits - 1 if pdm.panoptic or self.cfg.panoptic_map else None)
             root = self._data_root()
             self._datasets = (data.shapes_dataset(root, "train", train=True, load_depth=self.needs_depth, **kw),
                               data.shapes_dataset(root, "val", train=False, **kw))

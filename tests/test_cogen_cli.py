@@ -137,6 +137,9 @@ def test_patch_factor_and_panoptic_map_flags_reach_the_model(tiny_runs, tmp_path
         assert {s["id"] for s in ann["segments_info"]} == set(np.unique(ids).tolist()) - {0}
         for s in ann["segments_info"]:
             assert (category[ids == s["id"]] == s["category_id"]).all()
+    # Its datasets cap the segments at what the instance bits hold (tiny: 4 bits, 15 segments).
+    cfg = train.resolve(train.TrainConfig(stage="cogen", preset="tiny", data=str(shapes), panoptic_map=True))
+    assert [ds.max_segments for ds in train.CogenStage(cfg, torch.device("cpu"), print).datasets()] == [15, 15]
     assert train.resolve(train.TrainConfig(stage="cogen", patch_factor=1)).out_dir.endswith("cogen_f1")
     with pytest.raises(SystemExit, match="must be 1, 2 or 4"):
         train.resolve(train.TrainConfig(stage="cogen", patch_factor=3))
