@@ -1043,9 +1043,12 @@ def prerequisite(cfg: TrainConfig, stage: str, path: str, log: Logger, carry: tu
                       num_train=cfg.num_train, num_val=cfg.num_val)
     sub = dataclasses.replace(sub, **{k: getattr(cfg, k) for k in carry})
     run = Path(resolve(sub).out_dir)
-    if not (run / "ckpt.pt").exists() or not load_checkpoint(run, stage).get("metrics"):
-        log(f"no finished stage-{stage} run in {run}: training it first")
+    if not (run / "ckpt.pt").exists():
+        log(f"no stage-{stage} run in {run}: training it first")
         train(sub)
+    elif not load_checkpoint(run, stage).get("metrics"):          # stopped early (Ctrl-C, --stop-after)
+        log(f"an unfinished stage-{stage} run in {run}: resuming it first")
+        train(dataclasses.replace(sub, resume=str(run)))
     else:
         log(f"reusing the stage-{stage} run in {run}")
     return load_checkpoint(run, stage)
@@ -1120,6 +1123,8 @@ class LDMSegStage(LatentStage):
 
     def build(self) -> nn.Module:
         import ldmseg
+        if self.cfg.resume:
+            return self._resumed_network()
         image_cfg, image_state = self.image_autoencoder()
         mae = prerequisite(self.cfg, "1", self.cfg.mask_ae, self.log)
         self.mcfg = dataclasses.replace(self.base_config(), mask_ae=mae["model_config"], image_ae=image_cfg)
@@ -1141,6 +1146,22 @@ class LDMSegStage(LatentStage):
         if self.cfg.init_unet:
             frozen = ldmseg.init_ldmseg_unet_from_sd(self.net, ldmseg.load_weights(self.cfg.init_unet, component="unet"))
             self.log(f"UNet initialised from {self.cfg.init_unet}; frozen: {', '.join(frozen)}")
+        return self.net
+
+    def _resumed_network(self) -> nn.Module:
+        """On --resume, the run's own model config (autoencoders, latent scales, output type...); the
+        loop then loads its weights, the frozen autoencoders' included. No prerequisite is read: one
+        trained again or pointed to elsewhere since must not change a run midway."""
+        import ldmseg
+        self.mcfg = ldmseg.LDMSegConfig(**load_checkpoint(self.cfg.resume, self.cfg.stage)["model_config"])
+        c = self.cfg                                       # the model flags given (unset: "", 0 or -1)
+        flags = {"prediction": c.prediction or None, "signal_scale": c.signal_scale or None,
+                 "id_order": c.id_order or None, "time_shift": c.time_shift if c.time_shift >= 0 else None}
+        differ = [f"--{k.replace('_', '-')} {v} here, {getattr(self.mcfg, k)} there"
+                  for k, v in flags.items() if v is not None and v != getattr(self.mcfg, k)]
+        if differ:
+            raise SystemExit(f"--resume {self.cfg.resume}: the run was trained with another model ({'; '.join(differ)})")
+        self.net = ldmseg.LDMSeg(self.mcfg)
         return self.net
 
     def base_config(self) -> "ldmseg.LDMSegConfig":

@@ -375,3 +375,41 @@ def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, 
         train.main(common + extra + ["--out-dir", str(out)])
         config = ldmseg.load_ldmseg(train.load_checkpoint(out / "ckpt.pt")).config
         assert config.time_shift == expected and config.clamp_x0 == (expected == 300)   # clamping goes with x0
+
+
+def test_stage2_resume_keeps_its_own_autoencoders_whatever_the_flags_name(tiny_runs, tmp_path):
+    """A resumed run is the run it was: a stage-1 run trained again since (another latent scale)
+    must not reach it, and model flags that disagree with it are refused."""
+    import train
+    root, shapes = tiny_runs
+    common = ["--preset", "tiny", "--data", str(shapes), "--num-workers", "0", "--preview-every", "0",
+              "--device", "cpu", "--log-every", "1", "--eval-images", "1"]
+    train.main(["--stage", "1", "--out-dir", str(tmp_path / "s1b"), "--max-steps", "2", "--seed", "5", *common])
+    s2 = ["--stage", "2", "--image-vae", str(root / "vae"), "--out-dir", str(tmp_path / "s2"), "--max-steps", "2", *common]
+    train.main(s2 + ["--mask-ae", str(root / "s1"), "--stop-after", "1"])
+    first = train.load_checkpoint(tmp_path / "s2")
+    train.main(s2 + ["--mask-ae", str(tmp_path / "s1b"), "--resume", str(tmp_path / "s2")])
+    resumed = train.load_checkpoint(tmp_path / "s2")
+    assert resumed["step"] == 2 and resumed["model_config"] == first["model_config"]
+    assert train.load_checkpoint(tmp_path / "s1b")["model_config"] != first["model_config"]["mask_ae"]
+    for name, w in first["model"].items():
+        if name.startswith(("mask_ae.", "image_ae.")):
+            assert torch.equal(resumed["model"][name], w), name
+    with pytest.raises(SystemExit, match="another model.*--id-order raster here, random there"):
+        train.main(s2 + ["--mask-ae", str(root / "s1"), "--id-order", "raster", "--resume", str(tmp_path / "s2")])
+
+
+def test_an_unfinished_prerequisite_run_is_resumed_not_trained_again(tiny_runs, tmp_path, monkeypatch):
+    """Stage 2 needs stage 1; a stage-1 run stopped early (Ctrl-C, --stop-after) is continued from
+    its checkpoint, and ends as the uninterrupted run does."""
+    import train
+    root, shapes = tiny_runs
+    monkeypatch.chdir(tmp_path)                                  # the default run folders: runs/tiny/...
+    common = ["--preset", "tiny", "--data", str(shapes), "--num-workers", "0", "--device", "cpu"]
+    train.main(["--stage", "1", "--out-dir", "straight", *common])
+    assert train.main(["--stage", "1", "--stop-after", "3", *common]) == {}
+    train.main(["--stage", "2", "--image-vae", str(root / "vae"), "--max-steps", "1", "--eval-images", "1", *common])
+    log = (tmp_path / "runs" / "tiny" / "stage1" / "log.txt").read_text()
+    assert "resumed from" in log and "at step 3" in log
+    a, b = train.load_checkpoint("straight"), train.load_checkpoint("runs/tiny/stage1")
+    assert b["metrics"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
