@@ -571,12 +571,12 @@ def write_shapes(out: str | os.PathLike, *, size: int = 128, num_train: int = 40
 
 def ensure_shapes(root: str | os.PathLike, *, size: int = 128, num_train: int = 4000, num_val: int = 200,
                   seed: int = 0, log=print) -> Path:
-    """Return `root`; when it does not exist yet, write Shapes there first (the training default)."""
+    """Return `root`; when it does not exist yet (or is empty), write Shapes there first (the training
+    default). A folder with anything in it is left alone: `resolve_split` finds its layout (COCO,
+    ADE20k, flat) or says which it looked for."""
     root = Path(root)
-    if (root / "annotations").exists():
-        return root
     if root.exists() and any(root.iterdir()):
-        raise PanopticFormatError(f"{root}: exists but has no annotations/ folder; not a COCO panoptic folder")
+        return root
     log(f"{root} does not exist: writing the Shapes dataset there ({num_train} train / {num_val} val, {size}px)")
     return write_shapes(root, size=size, num_train=num_train, num_val=num_val, seed=seed, log=log)
 

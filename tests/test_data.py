@@ -246,6 +246,25 @@ def test_ade20k_layout_is_found(tmp_path):
     assert len(ds) == 2 and ds[1]["image"].shape == (3, 16, 16)
 
 
+def test_train_py_reads_a_flat_folder_and_names_the_layouts_it_looked_for(tmp_path):
+    import train
+    _coco_fixture(tmp_path / "coco", ["RGB", "L"])
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (tmp_path / "coco" / "val2017").rename(flat / "images")
+    (tmp_path / "coco" / "annotations" / "panoptic_val2017").rename(flat / "panoptic")
+    (tmp_path / "coco" / "annotations" / "panoptic_val2017.json").rename(flat / "panoptic.json")
+    args = ["--stage", "1", "--preset", "tiny", "--num-workers", "0", "--preview-every", "0", "--device", "cpu",
+            "--max-steps", "1", "--log-every", "1", "--eval-images", "1"]
+    metrics = train.main(args + ["--data", str(flat), "--out-dir", str(tmp_path / "run")])
+    assert 0.0 <= metrics["pq"] <= 1.0
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a dataset")
+    with pytest.raises((SystemExit, data.PanopticFormatError), match="nor a flat folder"):
+        train.main(args + ["--data", str(tmp_path / "junk"), "--out-dir", str(tmp_path / "run2")])
+    assert (tmp_path / "junk").exists() and not (tmp_path / "junk" / "annotations").exists()   # nothing written
+
+
 def test_exif_rotated_image_is_upright(tmp_path):
     _coco_fixture(tmp_path, ["RGB"])
     path = tmp_path / "val2017" / "0.png"
