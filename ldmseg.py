@@ -1262,7 +1262,7 @@ class LDMSegConfig:
     self_condition: bool = True                        # feed x0_self as extra input channels  [PAPER]
     self_condition_prob: float = 0.5                   # share of training samples given x0_self  [DEVIATION: code 1.0]
     mask_th: float = 0.5                               # decoding: min softmax confidence of a pixel  [PAPER: 0.5]
-    count_th: float = 512.0                            # decoding: min segment area in pixels at 512^2, scaled by area  [PAPER: 512]
+    count_th: float = 512.0                            # decoding: min segment area in pixels for a model working at 512^2 (section 9)  [PAPER: 512]
     overlap_th: float = 0.5                            # decoding: min |argmax region| / |sigmoid >= mask_th region|  [PAPER: 0.5]
     zero_init_condition: bool = True                   # zero conv_in's image / self-condition inputs  [PAPER]
     signal_scale: float = 1.0                          # b: the diffusion sees b * s_t * mean; b < 1 lowers every SNR_t  [PAPER: s]
@@ -1512,17 +1512,23 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
 # No detector, no matching, no NMS: the id with the largest logit wins each pixel, and three
 # thresholds remove what is not a confident segment (LDMSeg's evaluation values):
 #   (a) confidence: softmax max < mask_th -> void;
-#   (b) area: a segment smaller than count_th pixels -> void. count_th is given at 512 x 512 and
-#       scaled by the image area here (512 px at 512^2 = 32 px at 128^2) -- DEVIATION: the official
-#       code uses a fixed pixel count at its single resolution;
+#   (b) area: a segment smaller than count_th pixels -> void. count_th is given for LDMSeg's 512 x 512
+#       working size and applied at the decoded size, the image's own in evaluation (512 px on a
+#       480 x 640 COCO image, as the official code does). DEVIATION: for a model trained at another
+#       size it is scaled by that size's area (32 px for 128^2 Shapes), where 512 px would remove
+#       most segments;
 #   (c) overlap: |argmax region of k| / |{sigmoid(logit_k) >= mask_th}| < overlap_th -> void
 #       (a segment that won its pixels only narrowly against many competitors).
 # Channel 0 (void) never forms a segment.
 
 
 def panoptic_from_logits(logits: Tensor, mask_th: float = 0.5, count_th: float = 512.0,
-                         overlap_th: float = 0.5) -> Tensor:
-    """logits (B, 2^K, H, W) -> ids (B, H, W) int64, 0 = void, other values = the winning channels."""
+                         overlap_th: float = 0.5, work_size: tuple[int, int] | None = None) -> Tensor:
+    """logits (B, 2^K, H, W) -> ids (B, H, W) int64, 0 = void, other values = the winning channels.
+
+    work_size: the size the model works at (its latent times the mask AE's factor), which scales
+    count_th from 512^2 (b); default (H, W).
+    """
     B, C, H, W = logits.shape
     logits = logits.float()
     conf, pred = logits.softmax(dim=1).max(dim=1)                         # (B, H, W) each
@@ -1530,7 +1536,8 @@ def panoptic_from_logits(logits: Tensor, mask_th: float = 0.5, count_th: float =
     area = torch.zeros(B, C, device=logits.device).scatter_add_(
         1, pred.flatten(1), torch.ones(B, H * W, device=logits.device))  # (B, C) pixels won per id
     soft = (logits.sigmoid() >= mask_th).flatten(2).sum(-1).float()      # (B, C)
-    min_area = count_th * H * W / 512 ** 2
+    work_h, work_w = work_size or (H, W)
+    min_area = count_th * work_h * work_w / 512 ** 2
     keep = (area >= min_area) & (area >= overlap_th * soft)              # (b), (c)
     keep[:, 0] = False
     return torch.where(keep.gather(1, pred.flatten(1)).view(B, H, W), pred, 0)
@@ -1596,8 +1603,9 @@ def segment(model: LDMSeg, image: Tensor, *, sampler: str = "ddim", steps: int =
 
 def decode_panoptic(model: LDMSeg, z0: Tensor, size: tuple[int, int]) -> Tensor:
     """Panoptic latent z_0 (B, 4, h, w) -> ids (B, *size) int64 through the mask AE and thresholds."""
-    c = model.config
-    return panoptic_from_logits(model.decode_latent(z0, size), c.mask_th, c.count_th, c.overlap_th)
+    c, f = model.config, model.mask_ae.downsample_factor
+    work = (z0.shape[-2] * f, z0.shape[-1] * f)                          # 512^2 for the paper's COCO model
+    return panoptic_from_logits(model.decode_latent(z0, size), c.mask_th, c.count_th, c.overlap_th, work)
 
 
 def clamp_to_map(model: LDMSeg, x0: Tensor) -> Tensor:

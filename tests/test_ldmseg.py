@@ -91,6 +91,20 @@ def test_post_processing_keeps_confident_segments_and_removes_tiny_ones():
     out = ldmseg.panoptic_from_logits(_logits_for(ids, 16), count_th=512.0)  # 512 at 512^2 = 8 px at 64^2
     assert set(out.unique().tolist()) == {0, 5, 7}
     assert (out[0][ids == 5] == 5).all() and out[0, 0, 0] == 0
+    # A model working at 32^2 decoded at 64^2 (evaluation at the image's own size): 512 px at 512^2 is
+    # 2 px at its size, and stays 2 px at the decoded one, as LDMSeg keeps 512 px at any image size.
+    ids[40, 0:3] = 11                                                         # 3 px: kept, not held to 8
+    out = ldmseg.panoptic_from_logits(_logits_for(ids, 16), count_th=512.0, work_size=(32, 32))
+    assert set(out.unique().tolist()) == {0, 5, 7, 11}                       # 9: 1 px, below 2
+
+
+def test_decoding_at_another_size_keeps_the_area_threshold_of_the_model_s_own(tiny_model, monkeypatch):
+    """The tiny model works at 32^2 (4^2 latents x 8): 512 px at 512^2 is 2 px whatever size it is decoded at."""
+    ids = torch.zeros(64, 64, dtype=torch.long)
+    ids[:, 32:], ids[40, 0:3] = 5, 11                                         # segment 11: 3 px at 64^2
+    monkeypatch.setattr(tiny_model, "decode_latent", lambda z0, size: _logits_for(ids, 16))
+    out = ldmseg.decode_panoptic(tiny_model, torch.zeros(1, 4, 4, 4), (64, 64))
+    assert set(out.unique().tolist()) == {0, 5, 11}
 
 
 def test_post_processing_edge_cases_all_void_one_segment_and_low_confidence():
