@@ -223,6 +223,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
     if (cfg.task_signal_scales or cfg.task_loss_weights or cfg.task_sample_weights) and cfg.stage != "multitask":
         raise SystemExit("--task-signal-scales, --task-loss-weights and --task-sample-weights belong to --stage multitask")
+    if cfg.dtype not in ("auto", "fp32", "bf16"):
+        raise SystemExit(f"--dtype takes auto, fp32 or bf16 (fp16 would need loss scaling), got {cfg.dtype!r}")
+    for flag, value, stages in (("--mask-ae", cfg.mask_ae, ("2", "multitask")),
+                                ("--init-unet", cfg.init_unet, ("2", "multitask")),
+                                ("--image-vae", cfg.image_vae, ("2", "multitask", "cogen", "t2i"))):
+        if value and cfg.stage not in stages:
+            raise SystemExit(f"{flag} belongs to --stage {' / '.join(stages)}, not {cfg.stage}")
     if cfg.patch_factor not in (0, 1, 2, 4):
         raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
@@ -230,6 +237,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     out = dataclasses.replace(cfg, **{k: v for k, v in values.items() if unset(k)})
     if out.crop > out.image_size:              # every image is resized to image_size before the crop
         raise SystemExit(f"--crop {out.crop} is larger than --image-size {out.image_size}")
+    if out.image_size % 8 or out.crop % 8:     # the autoencoders' stride: latents must cover the image exactly
+        raise SystemExit(f"--image-size and --crop must be multiples of 8 (the autoencoders' stride), "
+                         f"got {out.image_size} and {out.crop}")
     if not out.out_dir:
         name = f"stage{out.stage}" if out.stage.isdigit() else out.stage
         # Variants get folders of their own, so prerequisite() never reuses the other kind of run.

@@ -45,6 +45,18 @@ def test_every_flag_has_help_and_a_default_in_help_text():
             assert action.help and action.help != action.dest
 
 
+def test_flags_outside_their_stage_or_range_are_refused_not_ignored():
+    for kw, match in ((dict(dtype="fp16"), "--dtype takes auto, fp32 or bf16"),
+                      (dict(stage="1", mask_ae="runs/x"), "--mask-ae belongs to --stage 2 / multitask, not 1"),
+                      (dict(stage="vae", image_vae="sd.ckpt"), "--image-vae belongs to"),
+                      (dict(stage="cogen", init_unet="sd.ckpt"), "--init-unet belongs to"),
+                      (dict(stage="1", image_size=100, crop=64), "multiples of 8"),
+                      (dict(stage="1", crop=20), "multiples of 8")):
+        with pytest.raises(SystemExit, match=match):
+            train.resolve(train.TrainConfig(**kw))
+    assert train.resolve(train.TrainConfig(stage="all", mask_ae="runs/x", dtype="bf16")).stage == "2"
+
+
 def test_batch_stream_crosses_epochs_with_one_set_of_workers(shapes32):
     """The stream's items equal the dataset's own at each batch's epoch, workers forked once."""
     ds = data.shapes_dataset(shapes32, "train", train=True, load_depth=False)
