@@ -271,7 +271,7 @@ class MaskAEConfig:
     upsample_channels: int = 256                       # width of the decoder's upsampling stages  [PAPER]
     norm_groups: int = 32                              # groups of the GroupNorms  [PAPER]
     num_mid_blocks: int = 0                            # ResNet pairs at the latent resolution (official option)  [PAPER: 0]
-    scale_factor: float = 0.18215                      # s: diffusion sees s * mean; not applied inside the module  [PAPER]
+    scale_factor: float = 0.18215                      # s: diffusion sees s * mean; not applied inside the module; stage 1 sets 1/std  [PAPER; DEVIATION]
     num_points: int = 12544                            # points per image (CE) / per mask (BCE + Dice)  [PAPER: 112^2 at 512^2]
     oversample_ratio: int = 3                          # candidates = ratio * num_points, scored by uncertainty  [PAPER]
     importance_ratio: float = 0.75                     # share of points chosen by uncertainty; the rest uniform  [PAPER]

@@ -146,8 +146,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "shapes": {"vae": dict(image_size=128, crop=64, max_steps=600, batch_size=16, lr=1e-3),
                "1":   dict(image_size=128, crop=64, max_steps=2400, batch_size=16, lr=3e-3)},
     "coco":   {"vae": dict(image_size=512, max_steps=100_000, batch_size=8, lr=4.5e-6),
-               "1":   dict(image_size=512, max_steps=66_000, batch_size=16, lr=1e-4, grad_clip=3.0)},  # PAPER: LDMSeg AE
+               "1":   dict(image_size=512, max_steps=66_000, batch_size=16, lr=1e-4, grad_clip=3.0,  # PAPER: LDMSeg AE
+                           min_lr_ratio=1.0)},                         # PAPER: constant after the warm-up
 }
+# DEVIATION (every stage, coco too): weight decay skips norms and biases (make_optimizer; LDMSeg's AE
+# decays every parameter, its stage 2 skips norms), and an EMA of the weights (0.999 unless a preset
+# says otherwise) is what previews, evaluation, sampling and later stages read; LDMSeg trains without
+# one (ema_on=False [LDMSeg brief §3.3]). --ema-decay 0 trains without it.
 PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=3, eval_dpm_steps=2)
 # Stage 2 on shapes: the steps that keep `--stage all` within 20 minutes on the README's 2-core machine
 # (16.9 min); PQ still rises with length there (README, Results).
@@ -1024,8 +1029,8 @@ class MaskAEStage(Stage):
                 acc.add(gt, info, pr, data.make_segments_info(pr.numpy()))
                 ious.append(segment_miou(gt, pr))
         res = acc.compute()["All"]
-        # Diffusion sees s_t * mean with s_t = 1 / std: unit-variance latents, as SD's 0.18215 made
-        # its image latents (LDMSeg reuses 0.18215 for its own AE; ours is measured instead).
+        # DEVIATION: diffusion sees s_t * mean with s_t = 1 / std, measured here: unit-variance
+        # latents, as SD's 0.18215 made its image latents. LDMSeg reuses 0.18215 for its own AE.
         std = torch.cat(latents).std().item()
         self.mcfg.scale_factor = 1.0 / std
         return {"pq": res["pq"], "sq": res["sq"], "rq": res["rq"], "miou": float(np.mean(ious)),
