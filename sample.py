@@ -1017,7 +1017,8 @@ def build_parser() -> "argparse.ArgumentParser":
     gen.add_argument("--map-scale", type=float, default=None, help="map guidance (1 = none); default: the checkpoint's")
     gen.add_argument("--map", default="",
                      help="given-map mode: a single-channel PNG of category ids (0 = void), e.g. a *_map.png this "
-                          "command wrote; the images are generated for that map")
+                          "command wrote; the images are generated for that map (best with a model trained "
+                          "with train.py --clean-map-prob > 0)")
     p.add_argument("--out-dir", default="samples", help="where pictures and COCO-format predictions go")
     p.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default=None,
                    help="sampler; default: ddim (panoptic, inpaint), the checkpoint's dpm++ (cogen; ddpm not offered)")
@@ -1196,6 +1197,9 @@ def _given_map_bits(args, config) -> Optional[Tensor]:
     if not args.map:
         return None
     category = _read_category_map(args.map, config)
+    if not config.clean_map_prob:
+        print("note: this model never saw a clean map in training (train.py --clean-map-prob): it reads the given "
+              "map as a nearly noise-free one, and its images follow it only as far as that reading goes")
     # A panoptic model also wants instance bits: each connected region of one category is an instance.
     segments = cogen.connected_components(category[0])[None] if config.panoptic else None
     return cogen.encode_map(category, config, segments, torch.Generator().manual_seed(args.seed))

@@ -128,6 +128,7 @@ class TrainConfig:
     eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
     patch_factor: int = 0            # cogen: Multi-Scale Patching f in {1, 2, 4} (map f x the latent side, map patch f x the image patch); 0 = the preset's (2)  [PDM Table 2]
+    clean_map_prob: float = -1.0     # cogen: share of samples whose map input is the clean map, what given-map sampling (sample.py --map) feeds; -1 = the preset's (0)  [PDM 'given maps']
     panoptic_map: bool = False       # cogen: also co-generate instance bits beside the category bits, a true panoptic map (our extension, cogen.py §2)
     two_stream: bool = False         # cogen: the two-stream PDM, a trained map stream beside the frozen image stream of a --stage t2i run  [PDM §2.5.2]
     init_image_stream: str = ""      # cogen --two-stream: the image stream, a --stage t2i run or U-ViT's released weights (mscoco_uvit_small.pth); default: train / reuse runs/<preset>/t2i. --stage t2i: start from such a file
@@ -213,8 +214,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit("--two-stream belongs to --stage cogen")
     if cfg.init_image_stream and not (cfg.stage == "t2i" or cfg.two_stream):
         raise SystemExit("--init-image-stream needs --stage cogen --two-stream or --stage t2i")
-    if (cfg.patch_factor or cfg.panoptic_map) and cfg.stage != "cogen":
-        raise SystemExit("--patch-factor and --panoptic-map belong to --stage cogen")
+    if (cfg.patch_factor or cfg.panoptic_map or cfg.clean_map_prob != -1) and cfg.stage != "cogen":
+        raise SystemExit("--patch-factor, --panoptic-map and --clean-map-prob belong to --stage cogen")
+    if cfg.clean_map_prob != -1 and not 0 <= cfg.clean_map_prob <= 1:
+        raise SystemExit(f"--clean-map-prob takes 0..1, got {cfg.clean_map_prob}")
     if cfg.prediction and (cfg.stage not in ("2", "multitask") or cfg.prediction not in ("eps", "x0")):
         raise SystemExit(f"--prediction takes eps or x0 and belongs to --stage 2 / all / multitask, got {cfg.prediction!r}")
     if cfg.signal_scale and (cfg.stage not in ("2", "multitask") or cfg.signal_scale < 0):
@@ -1418,6 +1421,8 @@ class CaptionStage(LatentStage):
             base = dataclasses.replace(base, patch_factor=self.cfg.patch_factor)
         if self.cfg.panoptic_map:
             base = dataclasses.replace(base, panoptic=True)
+        if self.cfg.clean_map_prob >= 0:
+            base = dataclasses.replace(base, clean_map_prob=self.cfg.clean_map_prob)
         return dataclasses.replace(base, text_encoder="words", vocab=tuple(vocab),
                                    latent_size=self.cfg.image_size // factor, latent_channels=ae.latent_channels)
 

@@ -80,11 +80,13 @@ def test_sample_cogen_writes_grid_images_and_category_maps(cogen_run, tmp_path):
         assert (tmp_path / f"{k:02d}_map_color.png").exists()
 
 
-def test_sample_cogen_given_map_mode_keeps_the_given_map(cogen_run, tmp_path):
+def test_sample_cogen_given_map_mode_keeps_the_given_map(cogen_run, tmp_path, capsys):
     run, _, _ = cogen_run
     _sample(run, tmp_path / "free")
     given = tmp_path / "free" / "01_map.png"
+    capsys.readouterr()
     _sample(run, tmp_path / "given", "--map", str(given), "--sampler", "ddim")
+    assert "never saw a clean map" in capsys.readouterr().out                # trained with --clean-map-prob 0
     expected = np.asarray(Image.open(given))
     for k in range(3):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "given" / f"{k:02d}_map.png")), expected)
@@ -122,9 +124,9 @@ def test_cogen_resume_continues_bit_for_bit(tiny_runs, cogen_run, tmp_path):
 def test_patch_factor_and_panoptic_map_flags_reach_the_model(tiny_runs, tmp_path):
     root, shapes = tiny_runs
     metrics = train.main(_train_args(root, shapes, tmp_path / "f4p", "--max-steps", "1", "--patch-factor", "4",
-                                     "--panoptic-map"))
+                                     "--panoptic-map", "--clean-map-prob", "0.25"))
     c = cogen.PDMConfig(**train.load_checkpoint(tmp_path / "f4p", "cogen")["model_config"])
-    assert c.patch_factor == 4 and c.map_size == 4 * c.latent_size and c.panoptic
+    assert c.patch_factor == 4 and c.map_size == 4 * c.latent_size and c.panoptic and c.clean_map_prob == 0.25
     assert 0.0 <= metrics["caption_agreement"] <= 1.0
     # A panoptic PDM's samples carry their segments: a fourth grid row and a COCO panoptic folder.
     _sample(tmp_path / "f4p", tmp_path / "pan")
@@ -145,3 +147,7 @@ def test_patch_factor_and_panoptic_map_flags_reach_the_model(tiny_runs, tmp_path
         train.resolve(train.TrainConfig(stage="cogen", patch_factor=3))
     with pytest.raises(SystemExit, match="belong to --stage cogen"):
         train.resolve(train.TrainConfig(stage="2", panoptic_map=True))
+    with pytest.raises(SystemExit, match="belong to --stage cogen"):
+        train.resolve(train.TrainConfig(stage="2", clean_map_prob=0.5))
+    with pytest.raises(SystemExit, match="takes 0..1"):
+        train.resolve(train.TrainConfig(stage="cogen", clean_map_prob=1.5))
