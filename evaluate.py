@@ -1775,7 +1775,7 @@ def run_cogen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sample import add_inpaint_options, guide_sigma_arg, time_shift_arg
+    from sample import add_inpaint_options, guide_sigma_arg, positive_int, time_shift_arg
     p = argparse.ArgumentParser(description="Panoptic quality of COCO-format predictions "
                                 "(panopticapi semantics), or of a trained model: LDMSeg PQ, the inpainting "
                                 "curve, PDM co-generation metrics (MCD, caption agreement, consistency, FID).",
@@ -1812,9 +1812,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     c.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default=None,
                    help="sampler; None = ddim for panoptic / inpaint, the checkpoint's (dpm++ or ddim) for cogen")
-    c.add_argument("--steps", type=int, default=None,
+    c.add_argument("--steps", type=positive_int, default=None,
                    help="sampling steps; None = 50 for panoptic / inpaint, the checkpoint's for cogen")
-    c.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
+    c.add_argument("--batch-size", type=positive_int, default=16, help="images per sampling batch")
     c.add_argument("--time-shift", type=time_shift_arg, default=None,
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); default: the "
                         "checkpoint's (shapes x0 runs: 300; 0 = none)")

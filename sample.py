@@ -949,6 +949,15 @@ def time_shift_arg(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (--steps, --batch-size)."""
+    import argparse
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes 1 or more, got {value}")
+    return value
+
+
 def clamp_choice(value: str | None) -> bool | None:
     """--clamp-x0 on | off | not given -> True | False | None (the checkpoint's setting)."""
     return None if value is None else value == "on"
@@ -1022,13 +1031,14 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--out-dir", default="samples", help="where pictures and COCO-format predictions go")
     p.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default=None,
                    help="sampler; default: ddim (panoptic, inpaint), the checkpoint's dpm++ (cogen; ddpm not offered)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="sampling steps (model calls); default: 50 (panoptic, inpaint), the checkpoint's (cogen)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (and per cogen batch)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="cogen: samples per batch (the other tasks sample one image at a time)")
     p.add_argument("--save-trajectory", action="store_true",
-                   help="also write a strip: the image, then the map decoded from the x0 estimate at 8 points "
-                        "of the denoising, each labelled with its t")
+                   help="panoptic (stage-2 checkpoint): also write a strip: the image, then the map decoded from "
+                        "the x0 estimate at 8 points of the denoising, each labelled with its t")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights, not their EMA")
     p.add_argument("--time-shift", type=time_shift_arg, default=None,
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); "
@@ -1365,6 +1375,8 @@ def main(argv: list[str] | None = None) -> int:
     import train
     import ldmseg
     device = train.pick_device(args.device)
+    if args.save_trajectory and (args.task != "panoptic" or train.checkpoint_stage(args.ckpt) not in (None, "2")):
+        raise SystemExit("--save-trajectory belongs to --task panoptic with a stage-2 (LDMSeg) checkpoint")
     if args.task == "cogen":
         if not args.prompt.strip():
             raise SystemExit("--task cogen needs a non-empty --prompt, e.g. --prompt \"two red circles on grass\"")

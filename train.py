@@ -125,7 +125,7 @@ class TrainConfig:
     task_loss_weights: str = ""      # multitask: a task's loss weight, e.g. depth=10 (tasks not named: 1; replaces the preset's); "" = the preset's (shapes: depth=2.5)
     task_sample_weights: str = ""    # multitask: a task's relative sampling weight, e.g. depth=2 for half of the samples (tasks not named: 1; replaces the preset's); "" = the preset's (shapes: depth=4; others: uniform)
     eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
-    eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (20)
+    eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (shapes: 20; coco cogen: 50)
     min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
     patch_factor: int = 0            # cogen: Multi-Scale Patching f in {1, 2, 4} (map f x the latent side, map patch f x the image patch); 0 = the preset's (2)  [PDM Table 2]
     clean_map_prob: float = -1.0     # cogen: share of samples whose map input is the clean map, what given-map sampling (sample.py --map) feeds; -1 = the preset's (0)  [PDM 'given maps']

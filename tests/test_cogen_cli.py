@@ -92,7 +92,7 @@ def test_sample_cogen_given_map_mode_keeps_the_given_map(cogen_run, tmp_path, ca
         assert np.array_equal(np.asarray(Image.open(tmp_path / "given" / f"{k:02d}_map.png")), expected)
 
 
-def test_sample_cogen_bad_inputs_are_one_clear_error(cogen_run, tiny_runs, tmp_path):
+def test_sample_cogen_bad_inputs_are_one_clear_error(cogen_run, tiny_runs, tmp_path, capsys):
     run, _, _ = cogen_run
     root, _ = tiny_runs
     with pytest.raises(SystemExit, match="non-empty --prompt"):
@@ -101,6 +101,12 @@ def test_sample_cogen_bad_inputs_are_one_clear_error(cogen_run, tiny_runs, tmp_p
         _sample(root / "vae", tmp_path)
     with pytest.raises(SystemExit, match="no such file"):
         _sample(run, tmp_path, "--map", str(tmp_path / "missing.png"))
+    with pytest.raises(SystemExit, match="--save-trajectory belongs to --task panoptic"):
+        _sample(run, tmp_path, "--save-trajectory")
+    for flag in ("--steps", "--batch-size"):
+        with pytest.raises(SystemExit) as exc:
+            _sample(run, tmp_path, flag, "0")
+        assert exc.value.code == 2 and "takes 1 or more" in capsys.readouterr().err     # argparse's usage error
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(SystemExit, match="single-channel PNG whose pixel values are category ids"):
         _sample(run, tmp_path, "--map", str(tmp_path / "rgb.png"))
