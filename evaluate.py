@@ -1450,7 +1450,8 @@ def map_instances(category_map: Tensor, num_categories: int, instance_map: Tenso
     """(H_m, W_m) category ids -> (H_m, W_m) int64 segments 1..n; invalid category ids become void.
 
     The segments are the connected components of each category or, given a panoptic map's
-    instance ids, its distinct (category, instance id) pairs.
+    instance ids, its distinct (category, instance id) pairs; instance id 0 (void instance bits) is
+    void, as cogen.instance_counts counts it.
     """
     import cogen
     category_map = torch.as_tensor(category_map).long()
@@ -1458,6 +1459,7 @@ def map_instances(category_map: Tensor, num_categories: int, instance_map: Tenso
     if instance_map is None:
         return cogen.connected_components(torch.where(valid, category_map, 0))
     instance_map = torch.as_tensor(instance_map).long()
+    valid &= instance_map > 0
     key = category_map * (int(instance_map.max()) + 1) + instance_map
     _, labels = torch.unique(torch.where(valid, key, -1), return_inverse=True)       # -1 (void) sorts first
     return labels + 1 - int((~valid).any())                                          # void -> 0, segments 1..n

@@ -189,11 +189,13 @@ def test_a_panoptic_map_counts_its_segments_where_components_merge_touching_thin
     assert evaluate.caption_matches(category, caption, names, 1, instance) == [(C, 3, 3), (T, 1, 1)]
     assert cogen.instance_counts(category, instance, min_area=5) == {T: 1}              # 4-px circles drop
     assert cogen.instance_counts(category, torch.zeros_like(instance)) == {}           # no instance: no thing
+    instance[category == G] = 1                                                        # grass: one stuff segment
     segments = evaluate.map_instances(category, 9, instance)                          # no void here: 1..n
     assert segments.min() == 1 and segments.unique().numel() == 5                      # 3 circles, triangle, grass
     assert (segments[4:6, 0:2] == segments[4, 5]).all()                                # the two pieces: one segment
-    category[7, 7] = 15                                                                # an invalid id: void
+    category[7, 7], instance[7, 0] = 15, 0                     # an invalid id, void instance bits: void, as counted
     assert evaluate.map_instances(category, 9, instance)[7, 7] == 0
+    assert evaluate.map_instances(category, 9, instance)[7, 0] == 0 and cogen.instance_counts(category, instance)[G] == 1
 
 
 def test_consistency_pq_is_one_when_the_segments_are_the_maps_components():
