@@ -320,9 +320,14 @@ def make_timesteps(num_train_steps: int, steps: int, spacing: Spacing = "leading
     else:
         raise ValueError(f"unknown spacing {spacing!r}; use leading, trailing or linspace")
     ts = torch.from_numpy(ts[::-1].copy()).long()                                # (S,) descending
-    if ts.min() < 0 or ts.max() >= T or (ts[:-1] <= ts[1:]).any():
-        raise ValueError(f"{spacing} spacing with T={T}, S={S}, offset={offset} gives invalid "
-                         f"timesteps {ts.tolist()[:4]}...{ts.tolist()[-4:]}")
+    repeated = (ts[:-1] <= ts[1:]).nonzero().flatten()
+    if ts.min() < 0 or ts.max() >= T or len(repeated):
+        # linspace has T - 1 distinct points below T - 1 (S = T repeats one); leading's offset can
+        # push past T - 1 or below 0.
+        what = (f"timestep {int(ts[repeated[0]])} twice" if len(repeated)
+                else f"timesteps outside 0..{T - 1} ({int(ts.max())}, ..., {int(ts.min())})")
+        raise ValueError(f"{spacing} spacing with T={T}, S={S}" + (f", offset={offset}" if spacing == "leading" else "")
+                         + f" gives {what}; use fewer steps" + (" or another offset" if spacing == "leading" else ""))
     return ts
 
 
@@ -873,7 +878,9 @@ def dpm_solver_pp_sample(model: Model, x_T: State, schedule: NoiseSchedule, *, s
         orders = _fast_orders(steps - 1, order)
         timesteps = make_timesteps(T, len(orders), spacing, offset).tolist()
         if timesteps[-1] == 0:
-            raise ValueError("the single-step solver appends step 0 itself; use offset >= 1")
+            raise ValueError(f"the single-step solver appends step 0 itself, but {spacing} spacing with "
+                             f"{len(orders)} outer steps ends there: "
+                             + ("use offset >= 1" if spacing == "leading" else "use fewer steps"))
         x = _dpm_singlestep(run, x, timesteps, orders)
     else:
         raise ValueError(f"unknown method {method!r}; use multistep or singlestep")

@@ -101,10 +101,13 @@ def test_spacings_give_the_documented_sequences():
 
 
 def test_spacings_reject_timesteps_outside_the_schedule():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"outside 0\.\.999 \(1000, \.\.\., 1\); use fewer steps or another offset"):
         sample.make_timesteps(1000, 1000, "leading", offset=1)       # would reach t = 1000
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 1 <= steps"):
         sample.make_timesteps(1000, 0)
+    with pytest.raises(ValueError, match="linspace spacing with T=1000, S=1000 gives timestep 500 twice; use fewer"):
+        sample.make_timesteps(1000, 1000, "linspace")                 # 999 distinct points below 999
+    assert sample.make_timesteps(1000, 999, "linspace").unique().numel() == 999
 
 
 # ----------------------------------------------------------------------------- oracle samplers
