@@ -60,8 +60,10 @@ Semantics kept from panopticapi (QUIRK), and where we differ (DEVIATION)
   * DEVIATION: a split with no category that occurs (e.g. Stuff in class-agnostic mode) gets
     pq = sq = rq = 0.0 and n = 0; panopticapi divides by zero there.
   * DEVIATION: inconsistent files raise PanopticFormatError naming the file, where panopticapi
-    raises KeyError or scores silently: a GT id missing from its JSON, a GT category missing from
-    the categories list, a duplicate image_id among the predictions, a size mismatch.
+    raises KeyError or scores silently: a GT id missing from its JSON, a GT segment listed in the
+    JSON but absent from its PNG (panopticapi counts it as a false negative: a sign of maps cropped or
+    resized after their JSON was written), a GT category missing from the categories list, a
+    duplicate image_id among the predictions, a size mismatch.
   * LDMSeg's own evaluator skips ground-truth images that have no prediction; like panopticapi we
     raise, since a missing prediction would otherwise raise the score.
 
