@@ -299,22 +299,33 @@ class Dist:
     """Where this process stands in a torchrun launch (world 1 when run plainly)."""
     rank: int = 0
     world: int = 1
+    wait_group: Any = None               # gloo group for waiting on rank 0's evaluation (init_distributed)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
+# Rank 0 evaluates each stage alone while the other ranks wait for its checkpoint (the next stage of
+# --stage all reads it). On COCO val that takes longer than NCCL's 10-minute collective timeout (about
+# 20 min for DDIM 50 + DPM-Solver++ 20 on 5,000 images at 512^2, from the H200 sampling times in the
+# README), so the wait is a barrier on a gloo group of its own with a long timeout; training's
+# collectives keep NCCL's, which is what catches a hung rank.
+EVAL_WAIT_TIMEOUT_S = 6 * 3600
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return Dist()
+    import datetime
     import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size())
+    wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=EVAL_WAIT_TIMEOUT_S))
+    return Dist(dist.get_rank(), dist.get_world_size(), wait)
 
 
 class Logger:
@@ -916,7 +927,7 @@ def _finish(cfg, stage, model, opt, ema, val_ds, dist, run_dir, log, step) -> di
         log(f"checkpoint: {run_dir / 'ckpt.pt'}")
     if dist.world > 1:
         import torch.distributed as tdist
-        tdist.barrier()
+        tdist.barrier(group=dist.wait_group)                 # see EVAL_WAIT_TIMEOUT_S
     return metrics
 
 
