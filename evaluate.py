@@ -1260,8 +1260,13 @@ def load_fid_inception(path: str | os.PathLike) -> FIDInception:
     net = FIDInception()
     if not isinstance(state, dict):
         raise FIDWeightsError(f"{p}: not a state dict; expected {hint}")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    fc = state.get("fc.weight")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}   # the features end before it
     _check_fid_keys(net.state_dict(), state, p, hint)
+    if not isinstance(fc, torch.Tensor) or tuple(fc.shape) != (1008, 2048):   # TF Inception's 1008 classes
+        found = "absent" if fc is None else " x ".join(str(n) for n in getattr(fc, "shape", ()))
+        raise FIDWeightsError(f"{p}: its classifier is {found}, not the TF Inception's 1008 x 2048: another "
+                              f"Inception-v3 (torchvision's has 1000 classes) gives other features; expected {hint}")
     net.load_state_dict(state, strict=False)                          # only num_batches_tracked may be left
     return net.eval()
 

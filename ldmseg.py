@@ -2568,6 +2568,10 @@ def _stand_ins():
 
 def _load_torch_weights(path: Path) -> dict[str, Tensor]:
     """A torch pickle -> {name: tensor}, never executing code from it; a CompVis state_dict is unwrapped."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and not zipfile.is_zipfile(path):   # 8-byte length, then JSON
+        raise ValueError(f"{path}: a safetensors file under another name; rename it to .safetensors")
     try:
         with _stand_ins():
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -2577,8 +2581,9 @@ def _load_torch_weights(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path}: refused: not a pickle of tensors and plain containers only (torch: "
                          f"{reason}); unpickling anything more can run code from the file. Load files "
                          f"you trust with weights_only=False yourself, or use a .safetensors copy.") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:                                        # truncated zip, text, empty file, ...
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]                                   # CompVis / Lightning .ckpt
     if not isinstance(obj, dict):
@@ -2600,7 +2605,9 @@ def _diffusers_weight_files(folder: Path, component: str | None) -> list[Path]:
     for name in _DIFFUSERS_FILES:
         if (folder / name).is_file():
             return [folder / name]
-        index = folder / (name + ".index.json")
+        stem, ext = name.rsplit(".", 1)                           # the fp16 variant's index: *.safetensors.index.fp16.json
+        index = next((folder / n for n in (name + ".index.json", stem.replace(".fp16", "") + f".{ext}.index.fp16.json")
+                      if (folder / n).is_file()), folder / (name + ".index.json"))
         if index.is_file():                                       # a sharded model
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             if any(Path(s).name != s for s in shards):
@@ -2784,8 +2791,23 @@ def unet_state_from_any(state: dict[str, Tensor], config: UNetConfig) -> dict[st
 
     `config` fixes the CompVis block numbering (levels, layers per block, attention levels).
     """
-    state = _strip_prefix(state, "model.diffusion_model.")
+    state = _strip_prefix(_ema_unet(state), "model.diffusion_model.")
     return _rename_all(state, _unet_table(config)) if _is_compvis_unet(state) else state
+
+
+def _ema_unet(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A full-EMA SD .ckpt (sd-v1-4-full-ema.ckpt) -> its EMA UNet weights under model.diffusion_model.
+
+    Such a file holds the trained weights under model.diffusion_model.* and their EMA under LitEma's
+    flattened names (model_ema.diffusion_model + the name without dots). The EMA weights are what SD
+    released as sd-v1-4.ckpt and as the diffusers copy, so they are taken whenever all are there.
+    """
+    prefix = "model.diffusion_model."
+    names = [k for k in state if k.startswith(prefix)]
+    ema = {k: "model_ema." + ("diffusion_model" + k[len(prefix):]).replace(".", "") for k in names}
+    if not names or not all(e in state for e in ema.values()):
+        return state
+    return {k: state[ema[k]] for k in names}
 
 
 def to_compvis_unet_keys(state: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
@@ -2861,7 +2883,7 @@ def load_unet(path, config: UNetConfig | None = None, drop: tuple[str, ...] = ()
     context_dim read from the weights. drop=CROSS_ATTENTION_KEYS loads SD weights into a config with
     context_dim=None. Returns the module in eval mode.
     """
-    state = _strip_prefix(load_weights(path, component="unet"), "model.diffusion_model.")
+    state = _strip_prefix(_ema_unet(load_weights(path, component="unet")), "model.diffusion_model.")
     config = config or _infer_unet_config(state)
     model = _empty_module(UNet, config)
     load_exact(model, unet_state_from_any(state, config), path, drop)
@@ -2874,7 +2896,8 @@ def init_ldmseg_unet_from_sd(model: LDMSeg, sd_unet_state: dict[str, Tensor]) ->
     sd_unet_state: SD-1.x UNet weights in either layout, e.g. load_weights(folder, component="unet").
     1. conv_in is widened from 4 to 12 inputs: the segmentation columns [:, :4] copied from SD, the
        image and self-condition columns zero, the bias copied -- at initialisation the model is SD
-       applied to z_t alone.  [PAPER]
+       applied to z_t alone, whatever LDMSegConfig.zero_init_condition says (it sets the start of a
+       UNet trained from scratch).  [PAPER]
     2. Cross-attention (attn2, norm2 of every transformer block) is dropped, unless the LDMSeg UNet
        was configured with a context_dim (then it must load).  [PAPER: removed]
     3. The time-embedding MLP is frozen (requires_grad False) -- names "unet.time_embedding.*" as in

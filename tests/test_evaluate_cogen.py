@@ -138,6 +138,9 @@ def test_fid_weights_load_by_name_and_errors_name_the_expected_file(fid_net, tmp
         evaluate.load_fid_inception(tmp_path / "wrong.pth")
     # The file's layout: the network's tensors plus the classifier; num_batches_tracked may be absent.
     state = {k: v for k, v in fid_net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({**state, "fc.weight": torch.zeros(1000, 2048)}, tmp_path / "imagenet.pth")   # same layers, 1000 classes
+    with pytest.raises(evaluate.FIDWeightsError, match="classifier is 1000 x 2048, not the TF Inception's 1008 x 2048"):
+        evaluate.load_fid_inception(tmp_path / "imagenet.pth")
     state.update({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)})
     torch.save(state, tmp_path / evaluate.FID_WEIGHTS_FILE)
     loaded = evaluate.load_fid_inception(tmp_path)                      # a folder holding the file also works

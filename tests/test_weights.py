@@ -290,6 +290,23 @@ def test_full_sd_ckpt_with_both_prefixes_training_state_and_extras_loads_both_pa
         assert torch.equal(unet(x, t, context), loaded_unet(x, t, context))
 
 
+def test_a_full_ema_sd_ckpt_gives_its_ema_unet(tmp_path):
+    """sd-v1-4-full-ema.ckpt holds the trained UNet and, under LitEma's dotless names, its EMA: the
+    weights SD released. All EMA names present -> the EMA; some missing -> the trained weights."""
+    trained, ema = seeded(UNet, SD_TINY, seed=1), seeded(UNet, SD_TINY, seed=2)
+    cv_trained, cv_ema = (to_compvis_unet_keys(m.state_dict(), SD_TINY) for m in (trained, ema))
+    state = {"model.diffusion_model." + k: v for k, v in cv_trained.items()}
+    state.update({"model_ema." + ("diffusion_model" + k).replace(".", ""): v for k, v in cv_ema.items()})
+    state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(5)})
+    save_safetensors(state, tmp_path / "full.safetensors")
+    x, t, context = unet_inputs(SD_TINY)
+    with torch.no_grad():
+        assert torch.equal(load_unet(tmp_path / "full.safetensors", SD_TINY)(x, t, context), ema(x, t, context))
+        del state["model_ema.diffusion_modelout2bias"]
+        save_safetensors(state, tmp_path / "partial.safetensors")
+        assert torch.equal(load_unet(tmp_path / "partial.safetensors", SD_TINY)(x, t, context), trained(x, t, context))
+
+
 def test_missing_unexpected_and_misshaped_tensors_are_listed_in_one_error():
     unet = UNet(SD_TINY)
     state = dict(seeded(UNet, SD_TINY).state_dict())
@@ -395,6 +412,12 @@ def test_sharded_diffusers_weights_are_merged(tmp_path):
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     loaded = load_weights(tmp_path)
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    fp16 = tmp_path / "fp16"                       # diffusers' variant index: *.safetensors.index.fp16.json
+    fp16.mkdir()
+    for file in shards:
+        (tmp_path / file).rename(fp16 / file)
+    (fp16 / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps(index))
+    assert set(load_weights(fp16)) == set(state)
 
 
 def test_unknown_formats_and_absent_weights_give_clear_errors(tmp_path):
@@ -408,6 +431,16 @@ def test_unknown_formats_and_absent_weights_give_clear_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x80\x02not a pickle at all")
     with pytest.raises(ValueError, match="junk.pt"):
         load_weights(tmp_path / "junk.pt")
+    (tmp_path / "text.pth").write_text("hello, not weights")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "cut.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:600])        # a truncated zip
+    for name in ("text.pth", "empty.ckpt", "cut.pt"):
+        with pytest.raises(ValueError, match=f"{name}: (not a readable torch checkpoint|refused)"):
+            load_weights(tmp_path / name)
+    save_safetensors({"w": torch.zeros(2)}, tmp_path / "renamed.ckpt")
+    with pytest.raises(ValueError, match="renamed.ckpt: a safetensors file under another name"):
+        load_weights(tmp_path / "renamed.ckpt")
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="not a {name: tensor} state dict"):
         load_weights(tmp_path / "list.pt")
