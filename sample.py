@@ -1127,17 +1127,21 @@ def segment_images(args, model, train_cfg: dict, device) -> Path:
     return path
 
 
-def _read_known(args, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """The partial map (H, W) int64 user ids and the pixel known-mask (H, W) bool, at `size`.
+def _read_known(args, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The partial map (H, W) int64 user ids and the pixel known-mask (H, W) bool, at the image's `size`.
 
     A map of another size is resized nearest (label maps are never interpolated), with a notice.
+    Colour PNGs (any mode of several bands, or a palette) are read as COCO's id = R + 256 G + 256^2 B.
     """
-    import numpy as np
     from PIL import Image
     import data
+    for flag, path in (("--known-map", args.known_map), ("--known-mask", args.known_mask)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"{flag} {path}: no such file")
     with Image.open(args.known_map) as im:
-        arr = np.asarray(im.convert("RGB")) if im.mode in ("RGB", "RGBA", "P") else np.asarray(im)
-    ids = data.rgb2id(arr) if arr.ndim == 3 else arr.astype(np.int64)
+        colour = len(im.getbands()) > 1 or im.mode == "P"
+        arr = np.asarray(im.convert("RGB")) if colour else np.asarray(im)
+    ids = data.rgb2id(arr) if colour else arr.astype(np.int64)
     if ids.shape != size:
         print(f"note: --known-map is {ids.shape[1]}x{ids.shape[0]}, the image {size[1]}x{size[0]}: resized (nearest)")
         ids = data.nearest_resize(ids, size)
@@ -1145,7 +1149,7 @@ def _read_known(args, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     if args.known_mask:
         with Image.open(args.known_mask) as im:
             known = data.nearest_resize(np.asarray(im.convert("L")) > 127, size) & known
-    return torch.from_numpy(np.where(known, ids, 0)), torch.from_numpy(known)
+    return np.where(known, ids, 0), known
 
 
 def inpaint_image(args, model, train_cfg: dict, device) -> Path:
@@ -1165,7 +1169,9 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     size = train_cfg["image_size"]
     im = data.read_image(args.image[0])
     x = torch.from_numpy(np.asarray(im.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1.0)
-    given, pixel_known = _read_known(args, (size, size))
+    given_full, known_full = _read_known(args, (im.height, im.width))      # at the image's own size
+    given = torch.from_numpy(data.nearest_resize(given_full, (size, size)))   # at the model's
+    pixel_known = torch.from_numpy(data.nearest_resize(known_full, (size, size)))
     cells = ldmseg.known_cells_from_pixels(pixel_known, model.mask_ae.downsample_factor)
     if not cells.any():
         print("note: no 8x8 latent cell is fully known: plain segmentation")
@@ -1175,7 +1181,7 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
                             guide_steps=args.guide_steps,
                             generator=torch.Generator().manual_seed(args.seed))
     ids = data.nearest_resize(ids.numpy(), (im.height, im.width))
-    given_full = data.nearest_resize(given.numpy(), (im.height, im.width))
+    ids = np.where(known_full, given_full, ids)              # the given ids, to the pixel, at the image's size
     stem = Path(args.image[0]).stem
     rgb = np.asarray(im)
     data.write_panoptic_png(out / f"{stem}_completed.png", ids)
@@ -1183,7 +1189,7 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     Image.fromarray(data.overlay(rgb, ids)).save(out / f"{stem}_overlay.png")
     figure = np.concatenate([rgb, data.colorize(given_full), data.colorize(ids)], axis=1)
     Image.fromarray(figure).save(out / f"{stem}_inpaint.png")
-    print(f"{stem}: {int(pixel_known.float().mean() * 100)}% of pixels given, {len(np.unique(ids[ids > 0]))} "
+    print(f"{stem}: {int(known_full.mean() * 100)}% of pixels given, {len(np.unique(ids[ids > 0]))} "
           f"segments; wrote {stem}_completed.png (ids), _completed_color.png, _overlay.png, _inpaint.png "
           f"(image | given | completed) to {out}")
     return out

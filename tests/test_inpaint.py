@@ -232,6 +232,27 @@ def test_sample_cli_inpaint_writes_completed_map_keeping_given_ids(tiny_run, tmp
     sample.main(["--task", "inpaint", "--ckpt", str(root / "s2"), "--image", str(img), "--known-map",
                  str(tmp_path / "wrong.png"), "--steps", "2", "--out-dir", str(tmp_path / "o2"), "--device", "cpu"])
     assert (tmp_path / "o2" / "000000000000_completed.png").exists()
+    # An image larger than the model's input (32^2): the given ids survive to the pixel at its own size.
+    from PIL import Image
+    big = np.kron(gt, np.ones((3, 3), np.int64))[:, :95]                              # 96 x 95, ragged edges
+    big[40:50, 20:23] = gt.max() + 1                                                  # a thin given segment
+    Image.open(img).convert("RGB").resize((95, 96)).save(tmp_path / "big.png")
+    partial = np.where(np.arange(95)[None, :] < 50, big, 0)
+    partial[::7, ::5] = 0                                                             # holes in the given part
+    data.write_panoptic_png(tmp_path / "big_partial.png", partial)
+    sample.main(["--task", "inpaint", "--ckpt", str(root / "s2"), "--image", str(tmp_path / "big.png"), "--known-map",
+                 str(tmp_path / "big_partial.png"), "--steps", "2", "--out-dir", str(tmp_path / "o3"), "--device", "cpu"])
+    done = data.read_panoptic_png(tmp_path / "o3" / "big_completed.png")
+    assert done.shape == (96, 95) and (done[partial > 0] == partial[partial > 0]).all()
+    for flag in ("--known-map", "--known-mask"):
+        with pytest.raises(SystemExit, match=f"{flag} .*missing.png: no such file"):
+            sample.main(["--task", "inpaint", "--ckpt", str(root / "s2"), "--image", str(img), "--known-map",
+                         str(tmp_path / "partial.png"), flag, str(tmp_path / "missing.png"), "--device", "cpu"])
+    Image.fromarray(np.stack([np.where(partial > 0, 200, 0), np.full_like(partial, 255)], -1).astype(np.uint8),
+                    "LA").save(tmp_path / "grey_alpha.png")                           # a grey map with alpha
+    sample.main(["--task", "inpaint", "--ckpt", str(root / "s2"), "--image", str(tmp_path / "big.png"), "--known-map",
+                 str(tmp_path / "grey_alpha.png"), "--steps", "2", "--out-dir", str(tmp_path / "o4"), "--device", "cpu"])
+    assert (tmp_path / "o4" / "big_completed.png").exists()
 
 
 def test_evaluate_cli_inpaint_prints_a_table_and_writes_a_plot(tiny_run, tmp_path, capsys):
