@@ -786,6 +786,9 @@ def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Se
     the model's own output over the whole image -- the decoding of its latent (fitted to the given
     pixels, guide_steps / fit_steps; ldmseg.py section 11), the given pixels *not* pasted back -- so it measures how
     much the hint helped. `kept` is the share of given pixels whose id the model kept.
+    Scored at the model's input size, where the known region is a set of latent cells: the images'
+    own size on Shapes, the square-resized 512^2 maps on COCO (evaluate_segmentation scores at each
+    image's own size instead, so the two PQs compare only on data of the model's size).
     """
     import ldmseg
     device = next(model.parameters()).device
@@ -1784,7 +1787,7 @@ def run_cogen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sample import add_inpaint_options, guide_sigma_arg, positive_int, time_shift_arg
+    from sample import add_inpaint_options, count_arg, guide_sigma_arg, positive_int, time_shift_arg
     p = argparse.ArgumentParser(description="Panoptic quality of COCO-format predictions "
                                 "(panopticapi semantics), or of a trained model: LDMSeg PQ, the inpainting "
                                 "curve, PDM co-generation metrics (MCD, caption agreement, consistency, FID).",
@@ -1818,7 +1821,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inpaint_options(c, prefix="inpaint: ")
     c.add_argument("--data", default="", help="dataset folder; default: the one the checkpoint trained on")
     c.add_argument("--split", default="val", help="split to sample")
-    c.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    c.add_argument("--limit", type=count_arg, default=0, help="only the first N images (0 = all)")
     c.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default=None,
                    help="sampler; None = ddim for panoptic / inpaint, the checkpoint's (dpm++ or ddim) for cogen")
     c.add_argument("--steps", type=positive_int, default=None,
@@ -1836,7 +1839,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ldmseg.py section 10); default: the checkpoint's (0.1); 0 = nearest")
     c.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     c.add_argument("--out-dir", default="",
-                   help="where outputs go; default: <run>/{eval,inpaint,cogen}_<split>_<sampler><steps>")
+                   help="where outputs go; default: <run>/{eval,inpaint,multitask,cogen}_<split>_<sampler><steps>")
     c.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda")
     g = p.add_argument_group("co-generation (--task cogen)")
     g.add_argument("--seg-ckpt", default="", help="LDMSeg stage-2 run that segments the generated images for the "

@@ -965,6 +965,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count_arg(text: str) -> int:
+    """argparse type of counts where 0 means all (--limit)."""
+    import argparse
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"takes 0 (all) or more, got {value}")
+    return value
+
+
 def clamp_choice(value: str | None) -> bool | None:
     """--clamp-x0 on | off | not given -> True | False | None (the checkpoint's setting)."""
     return None if value is None else value == "on"
@@ -1018,7 +1027,7 @@ def build_parser() -> "argparse.ArgumentParser":
     src.add_argument("--image", nargs="+", default=[], help="image files to segment")
     src.add_argument("--split", default="", help="segment a dataset split instead (e.g. val)")
     src.add_argument("--data", default="", help="dataset folder for --split; default: the checkpoint's")
-    p.add_argument("--limit", type=int, default=0, help="with --split: only the first N images (0 = all)")
+    p.add_argument("--limit", type=count_arg, default=0, help="with --split: only the first N images (0 = all)")
     inp = p.add_argument_group("inpainting (--task inpaint)")
     inp.add_argument("--known-map", default="", help="partial map: COCO id PNG or colour PNG; black / 0 = unknown")
     inp.add_argument("--known-mask", default="", help="optional mask PNG: white = known (default: map != 0)")

@@ -266,6 +266,10 @@ def test_cli_help_lists_every_flag(capsys):
     for flag in ("--gt-json", "--gt-dir", "--pred-json", "--pred-dir", "--class-agnostic", "--all-crowd",
                  "--workers", "--out"):
         assert flag in text
+    for bad in (["--limit", "-1"], ["--steps", "0"], ["--batch-size", "0"]):          # refused by argparse
+        with pytest.raises(SystemExit) as exc:
+            evaluate.main(["--ckpt", "run", *bad])
+        assert exc.value.code == 2 and "takes" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bad input
