@@ -61,6 +61,8 @@ def run_stage(stage: str, mode: str, args, root: Path, extra: list[str]) -> dict
             "--seed", str(args.seed), "--num-workers", str(args.num_workers)] + MODES[mode] + extra
     if stage == "2":
         argv += ["--eval-steps", "5", "--eval-dpm-steps", "5"]
+    if (out / "log.txt").exists():                 # an earlier run here: its log would be read with this one's
+        (out / "log.txt").unlink()
     start = time.perf_counter()
     train.main(argv)
     seconds = time.perf_counter() - start

@@ -97,6 +97,9 @@ def diffusers_unet(cfg: ldmseg.UNetConfig, latent: int):
 # -----------------------------------------------------------------------------
 
 
+SAME_OUTPUT_TOL = 1e-4    # relative to max(1, max |output|); the check runs in fp32, TF32 off
+
+
 def check_same_network(ours, ref, x: torch.Tensor, t: torch.Tensor) -> dict:
     """Names, shapes and counts equal; our weights into diffusers' (strict); max |output difference|.
 
@@ -111,9 +114,14 @@ def check_same_network(ours, ref, x: torch.Tensor, t: torch.Tensor) -> dict:
     if {k: v.shape for k, v in a.items()} != {k: v.shape for k, v in b.items()}:
         raise SystemExit(f"different networks: names only in one of them: {sorted(set(a) ^ set(b))[:10]}")
     ref.load_state_dict(a, strict=True)
-    with torch.no_grad():
-        out = ours(x, t)
-        diff = (out - ref(x, t, None, return_dict=False)[0]).abs().max().item()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False   # full fp32 for the check
+    try:
+        with torch.no_grad():
+            out = ours(x, t)
+            diff = (out - ref(x, t, None, return_dict=False)[0]).abs().max().item()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return dict(params_ours=sum(p.numel() for p in ours.parameters()),
                 params_ref=sum(p.numel() for p in ref.parameters()), tensors=len(a), max_abs_diff=diff,
                 max_abs_out=out.abs().max().item())
@@ -220,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"same network: {same['params_ours']:,} parameters (ours) = {same['params_ref']:,} (diffusers), "
           f"{same['tensors']} tensors with equal names and shapes; our weights in diffusers' model: "
           f"max |output difference| {same['max_abs_diff']:.2e} (fp32; max |output| {same['max_abs_out']:.2f})")
+    if same["max_abs_diff"] > SAME_OUTPUT_TOL * max(1.0, same["max_abs_out"]):
+        raise SystemExit(f"not the same network: outputs differ by {same['max_abs_diff']:.2e} "
+                         f"(> {SAME_OUTPUT_TOL:g} x max(1, max |output|)); timing them against each other would mislead")
     call_ours = torch.compile(ours) if args.compile else ours
     call_ref = torch.compile(ref) if args.compile else ref
     fns = {}

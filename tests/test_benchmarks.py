@@ -124,4 +124,6 @@ def test_precision_cli_trains_each_mode_from_one_seed_and_writes_results(tiny_ru
     assert [r[1] for r in rows] == ["fp32", "bf16"] and rows[0][-1] == "reference"
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert set(results["1"]) == {"fp32", "bf16"} and results["1"]["fp32"]["steps"] == 3
+    precision.main([*args[:-1], "0", "--steps", "2", "--modes", "fp32"])        # again into the same folder
+    assert json.loads((tmp_path / "runs" / "results.json").read_text())["1"]["fp32"]["steps"] == 2
     assert abs(results["1"]["bf16"]["first"] - results["1"]["fp32"]["first"]) < 0.05 * results["1"]["fp32"]["first"]
