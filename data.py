@@ -720,6 +720,10 @@ class PanopticDataset(torch.utils.data.Dataset):
                 raise PanopticFormatError(f"{files.panoptic_json}: missing top-level key '{key}'")
         self.categories = {c["id"]: c for c in meta["categories"]}
         self.items = _annotated_items(meta, files.panoptic_json)
+        unknown = sorted({s["category_id"] for _, a in self.items for s in a["segments_info"]} - set(self.categories))
+        if unknown:                                       # else: a thing by default, or a KeyError in panopticapi
+            raise PanopticFormatError(f"{files.panoptic_json}: segments of category ids {unknown[:10]} that "
+                                      f"'categories' does not list")
         self.captions = _load_captions(files.captions)
 
     def __len__(self) -> int:
@@ -799,7 +803,7 @@ class PanopticDataset(torch.utils.data.Dataset):
         (top, left, h, w), flip = self._geometry(idx, H0, W0)
         image = None if image is None else image.crop((left, top, left + w, top + h))
         contig, category = contig[top:top + h, left:left + w], category[top:top + h, left:left + w]
-        depth = self._depth(im_meta, (top, left, h, w)) if self.load_depth else None
+        depth = self._depth(im_meta, (top, left, h, w), (H0, W0)) if self.load_depth else None
         if self.size is not None:
             image = None if image is None else image.resize(self.size[::-1], Image.BICUBIC)
             contig, category = nearest_resize(contig, self.size), nearest_resize(category, self.size)
@@ -838,8 +842,9 @@ class PanopticDataset(torch.utils.data.Dataset):
         image = None if image is None else image.crop((left, top, left + self.crop, top + self.crop))
         return image, contig[box], category[box], None if depth is None else depth[box]
 
-    def _depth(self, im_meta: dict, box: tuple[int, int, int, int]) -> np.ndarray | None:
-        """uint16 millimetre PNG -> float metres, cropped to box; None when the folder has no depth."""
+    def _depth(self, im_meta: dict, box: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray | None:
+        """uint16 millimetre PNG of the map's `shape` -> float metres, cropped to box; None when the folder
+        has no depth."""
         if self.files.depth_dir is None:
             return None
         path = self.files.depth_dir / (Path(im_meta["file_name"]).stem + ".png")
@@ -850,6 +855,8 @@ class PanopticDataset(torch.utils.data.Dataset):
             raise PanopticFormatError(f"{path}: depth PNG not found") from None
         except Exception as exc:                          # PIL raises many types for truncated / corrupt files
             raise PanopticFormatError(f"{path}: cannot read depth PNG ({exc})") from None
+        if d.shape != shape:
+            raise PanopticFormatError(f"{path}: size {d.shape[::-1]} differs from its panoptic map's {shape[::-1]}")
         top, left, h, w = box
         return d[top:top + h, left:left + w]
 
@@ -923,15 +930,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "shapes":
+        if args.size < 16 or args.num_train < 0 or args.num_val < 0:
+            parser.error("shapes needs --size 16 or more (the smallest thing Shapes draws) and counts of 0 or more")
         import time
         t0 = time.time()
         write_shapes(args.out, size=args.size, num_train=args.num_train, num_val=args.num_val,
                      seed=args.seed, workers=args.workers or None)
         print(f"done in {time.time() - t0:.1f}s")
         return 0
-    ds = PanopticDataset(resolve_split(args.data, args.split), size=None)
+    if not Path(args.data).is_dir():
+        parser.error(f"--data {args.data}: no such folder")
+    try:
+        ds = PanopticDataset(resolve_split(args.data, args.split), size=None)
+    except PanopticFormatError as exc:
+        parser.error(str(exc))
+    if not 0 <= args.index < len(ds) or args.num < 1:
+        parser.error(f"--index {args.index} --num {args.num}: the split has items 0..{len(ds) - 1}")
     rows = []
     for i in range(args.index, min(args.index + args.num, len(ds))):
         item = ds[i]

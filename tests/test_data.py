@@ -155,6 +155,18 @@ def shapes_root(tmp_path_factory):
     return root
 
 
+def test_data_cli_shows_items_and_refuses_bad_arguments_in_one_line(shapes_root, tmp_path, capsys):
+    assert data.main(["show", "--data", str(shapes_root), "--num", "2", "--out", str(tmp_path / "items.png")]) == 0
+    assert Image.open(tmp_path / "items.png").size == (3 * 64, 2 * 64)
+    for argv, message in ((["show", "--data", str(shapes_root), "--index", "3"], "the split has items 0..2"),
+                          (["show", "--data", str(tmp_path / "absent")], "no such folder"),
+                          (["show", "--data", str(tmp_path)], "nor a flat folder"),
+                          (["shapes", "--out", str(tmp_path / "s"), "--size", "8"], "--size 16 or more")):
+        with pytest.raises(SystemExit) as exc:
+            data.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_shapes_folder_is_coco_panoptic_and_loads(shapes_root):
     meta = json.loads((shapes_root / "annotations" / "panoptic_val.json").read_text())
     assert len(meta["images"]) == 3 and {"isthing", "id", "name"} <= set(meta["categories"][0])

@@ -114,6 +114,17 @@ def test_an_image_and_its_panoptic_png_of_different_sizes_name_both(shapes):
         data.shapes_dataset(shapes, "train", size=32)[0]
 
 
+def test_a_depth_png_of_another_size_or_an_unlisted_category_names_the_file(shapes):
+    Image.fromarray(np.zeros((16, 16), np.uint16)).save(shapes / "depth" / "train" / FIRST)
+    with pytest.raises(data.PanopticFormatError, match=r"depth/train/000000000000.png: size \(16, 16\) differs "
+                                                      r"from its panoptic map's \(32, 32\)"):
+        data.shapes_dataset(shapes, "train", size=32)[0]
+    _edit_json(shapes, lambda m: {**m, "categories": [c for c in m["categories"] if c["id"] != 1]})
+    with pytest.raises(data.PanopticFormatError, match=r"panoptic_train.json: segments of category ids \[1\] "
+                                                      r"that 'categories' does not list"):
+        data.shapes_dataset(shapes, "train")
+
+
 def test_an_empty_dataset_stops_training_before_it_starts_with_one_line(shapes, tmp_path):
     _edit_json(shapes, lambda m: {**m, "annotations": []})
     with pytest.raises(SystemExit, match=r"^error: .*panoptic_train.json: no images with annotated segments"):
