@@ -71,8 +71,12 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=128, help="image side the maps are resized to (nearest)")
     p.add_argument("--fit-steps", type=int, default=150, help="Adam steps of the fitted logits (0: pooled only)")
     args = p.parse_args(argv)
-    ds = data.shapes_dataset(args.data, "val", size=args.size, load_image=False, load_depth=False)
-    for f in (int(x) for x in args.factors.split(",")):
+    factors = [int(x) for x in args.factors.split(",")]
+    if any(f < 1 or args.size % f for f in factors):
+        p.error(f"--factors {args.factors}: each must divide --size {args.size}")
+    ds = data.shapes_dataset(args.data, "val", size=args.size, load_image=False, load_depth=False,
+                             max_segments=2 ** args.num_bits - 1)                # ids beyond the K bits: dropped
+    for f in factors:
         kinds = ["pooled"] + (["fitted"] * (args.fit_steps > 0))
         scores = {(k, d): evaluate.PQAccumulator(None, class_agnostic=True)
                   for k in kinds for d in ("thresholds", "argmax")}

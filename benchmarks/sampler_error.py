@@ -21,6 +21,7 @@ keep gaining from their order.
 
 Run:  python benchmarks/sampler_error.py        (a few seconds on a CPU)
 """
+import argparse
 import os
 import sys
 import time
@@ -49,7 +50,8 @@ def samplers():
     ]
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip()).parse_args(argv)   # --help; no options
     start = time.time()
     schedule = sample.NoiseSchedule("scaled_linear", 1000)
     gen = torch.Generator().manual_seed(0)

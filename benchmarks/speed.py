@@ -35,8 +35,9 @@ Memory: on CUDA torch.cuda.max_memory_allocated per network; elsewhere the peak 
 the whole process so far (resource.getrusage), which only grows: run one --models entry per call
 for a per-network figure.
 
-MFU: achieved FLOP/s / --peak-tflops. Default peak: 790 TFLOP/s for bf16 on an H200 (dense,
-the H200's measured dense peak); none elsewhere (only GFLOP/s is printed).
+MFU: achieved FLOP/s / --peak-tflops. Default peak: 790 TFLOP/s for bf16 on an H200 (dense, what
+large bf16 matrix products reach there), not the data sheet's 989 (--peak-tflops 989 for that
+convention: every MFU 0.80x as large); none elsewhere (only GFLOP/s is printed).
 
 Measured (`--preset shapes --device cpu --threads 1`, fp32, on the 2-core x86 VM while other training
 jobs ran, under nice 19: treat absolute figures as lower bounds; with 2 threads under that load the
@@ -352,7 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, given, known in (("--models", args.models, MODELS), ("--sections", args.sections, SECTIONS)):
+        wrong = [x for x in given.split(",") if x not in known]
+        if wrong:
+            parser.error(f"{flag}: unknown {', '.join(wrong)}; choose from {', '.join(known)}")
+    for entry in args.samplers.split(","):
+        name, _, steps = entry.partition(":")
+        if name not in ("ddim", "dpm++", "ddpm") or not steps.isdigit() or int(steps) < 1:
+            parser.error(f"--samplers: {entry!r} is not sampler:steps (ddim | dpm++ | ddpm, steps >= 1), e.g. ddim:50")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = train.pick_device(args.device)
