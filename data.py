@@ -577,7 +577,7 @@ def ensure_shapes(root: str | os.PathLike, *, size: int = 128, num_train: int = 
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         return root
-    log(f"{root} does not exist: writing the Shapes dataset there ({num_train} train / {num_val} val, {size}px)")
+    log(f"{root} {'is empty' if root.exists() else 'does not exist'}: writing the Shapes dataset there ({num_train} train / {num_val} val, {size}px)")
     return write_shapes(root, size=size, num_train=num_train, num_val=num_val, seed=seed, log=log)
 
 
