@@ -1389,6 +1389,15 @@ class CaptionStage(LatentStage):
         if self.mcfg.arch != self.arch:
             raise SystemExit(f"--resume {self.cfg.resume}: a {self.mcfg.arch} run, but these flags train "
                              f"a {self.arch} model (--two-stream or not?)")
+        c, m, differ = self.cfg, self.mcfg, []             # the model flags given (unset: 0, False, -1)
+        if c.patch_factor and c.patch_factor != m.patch_factor:
+            differ.append(f"--patch-factor {c.patch_factor} here, {m.patch_factor} there")
+        if c.panoptic_map and not m.panoptic:
+            differ.append("--panoptic-map here, a category-only model there")
+        if c.clean_map_prob >= 0 and c.clean_map_prob != m.clean_map_prob:
+            differ.append(f"--clean-map-prob {c.clean_map_prob} here, {m.clean_map_prob} there")
+        if differ:
+            raise SystemExit(f"--resume {c.resume}: the run was trained with another model ({'; '.join(differ)})")
         self.net = cogen.build_model(self.mcfg)
         return self.net
 

@@ -122,6 +122,8 @@ def test_cogen_resume_continues_bit_for_bit(tiny_runs, cogen_run, tmp_path):
     train.main(_train_args(root, shapes, half, "--max-steps", "4", "--resume", str(half)))
     a, b = train.load_checkpoint(cogen_run[0]), train.load_checkpoint(half)
     assert a["model_config"] == b["model_config"]
+    with pytest.raises(SystemExit, match="another model .--patch-factor 4 here, 2 there"):
+        train.main(_train_args(root, shapes, half, "--max-steps", "6", "--patch-factor", "4", "--resume", str(half)))
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
