@@ -294,6 +294,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def global_rng_kept():
+    """Run a block (a prerequisite stage trained in this process) and put the global RNGs back as they
+    were: the caller's model is then initialised as it is when that prerequisite is already on disk,
+    so `--stage all` trains the same stage-2 model as `--stage vae`, `--stage 1`, `--stage 2` in turn."""
+    import random
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 @dataclass
 class Dist:
     """Where this process stands in a torchrun launch (world 1 when run plainly)."""
@@ -1074,10 +1092,12 @@ def prerequisite(cfg: TrainConfig, stage: str, path: str, log: Logger, carry: tu
     run = Path(resolve(sub).out_dir)
     if not (run / "ckpt.pt").exists():
         log(f"no stage-{stage} run in {run}: training it first")
-        train(sub)
+        with global_rng_kept():
+            train(sub)
     elif not load_checkpoint(run, stage).get("metrics"):          # stopped early (Ctrl-C, --stop-after)
         log(f"an unfinished stage-{stage} run in {run}: resuming it first")
-        train(dataclasses.replace(sub, resume=str(run)))
+        with global_rng_kept():
+            train(dataclasses.replace(sub, resume=str(run)))
     else:
         log(f"reusing the stage-{stage} run in {run}")
     return load_checkpoint(run, stage)

@@ -427,3 +427,22 @@ def test_an_unfinished_prerequisite_run_is_resumed_not_trained_again(tiny_runs, 
     assert "resumed from" in log and "at step 3" in log
     a, b = train.load_checkpoint("straight"), train.load_checkpoint("runs/tiny/stage1")
     assert b["metrics"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_stage_all_trains_the_stage2_model_that_the_stages_in_turn_train(tiny_runs, tmp_path, monkeypatch):
+    """Prerequisites trained on the way leave the global random state as they found it, so stage 2's
+    initial weights (and everything after) do not depend on whether its autoencoders were on disk."""
+    import train
+    _, shapes = tiny_runs
+    common = ["--preset", "tiny", "--data", str(shapes), "--num-workers", "0", "--device", "cpu"]
+    (tmp_path / "all").mkdir()
+    (tmp_path / "turn").mkdir()
+    monkeypatch.chdir(tmp_path / "all")
+    train.main(["--stage", "all", *common, "--eval-images", "1"])
+    monkeypatch.chdir(tmp_path / "turn")
+    for stage in ("vae", "1"):
+        train.main(["--stage", stage, *common])                   # as --stage all trains them
+    train.main(["--stage", "2", *common, "--eval-images", "1"])
+    a = train.load_checkpoint(tmp_path / "all" / "runs" / "tiny" / "stage2")
+    b = train.load_checkpoint(tmp_path / "turn" / "runs" / "tiny" / "stage2")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
