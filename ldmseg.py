@@ -2605,10 +2605,9 @@ def _diffusers_weight_files(folder: Path, component: str | None) -> list[Path]:
     for name in _DIFFUSERS_FILES:
         if (folder / name).is_file():
             return [folder / name]
-        stem, ext = name.rsplit(".", 1)                           # the fp16 variant's index: *.safetensors.index.fp16.json
-        index = next((folder / n for n in (name + ".index.json", stem.replace(".fp16", "") + f".{ext}.index.fp16.json")
-                      if (folder / n).is_file()), folder / (name + ".index.json"))
-        if index.is_file():                                       # a sharded model
+        indexes = (name + ".index.json", name.replace(".fp16", "") + ".index.fp16.json")   # diffusers' fp16 variant
+        index = next((folder / n for n in indexes if (folder / n).is_file()), None)
+        if index is not None:                                     # a sharded model
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             if any(Path(s).name != s for s in shards):
                 raise ValueError(f"{index}: shard names must be plain file names")
