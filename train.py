@@ -1103,6 +1103,17 @@ def prerequisite(cfg: TrainConfig, stage: str, path: str, log: Logger, carry: tu
     return load_checkpoint(run, stage)
 
 
+def refuse_other_model(resume: str, config, given: dict[str, tuple[str, Any]]) -> None:
+    """On --resume: SystemExit when a model flag given here disagrees with the run's model config.
+
+    given: config field -> (flag, the value given, or None when the flag was left unset).
+    """
+    differ = [f"{flag} {value} here, {getattr(config, field)} there"
+              for field, (flag, value) in given.items() if value is not None and value != getattr(config, field)]
+    if differ:
+        raise SystemExit(f"--resume {resume}: the run was trained with another model ({'; '.join(differ)})")
+
+
 def _is_run(path: str) -> bool:
     """True for a run folder (holding ckpt.pt) or a checkpoint file of this project."""
     p = Path(path)
@@ -1204,12 +1215,11 @@ class LDMSegStage(LatentStage):
         import ldmseg
         self.mcfg = ldmseg.LDMSegConfig(**load_checkpoint(self.cfg.resume, self.cfg.stage)["model_config"])
         c = self.cfg                                       # the model flags given (unset: "", 0 or -1)
-        flags = {"prediction": c.prediction or None, "signal_scale": c.signal_scale or None,
-                 "id_order": c.id_order or None, "time_shift": c.time_shift if c.time_shift >= 0 else None}
-        differ = [f"--{k.replace('_', '-')} {v} here, {getattr(self.mcfg, k)} there"
-                  for k, v in flags.items() if v is not None and v != getattr(self.mcfg, k)]
-        if differ:
-            raise SystemExit(f"--resume {self.cfg.resume}: the run was trained with another model ({'; '.join(differ)})")
+        refuse_other_model(c.resume, self.mcfg, {
+            "prediction": ("--prediction", c.prediction or None),
+            "signal_scale": ("--signal-scale", c.signal_scale or None),
+            "id_order": ("--id-order", c.id_order or None),
+            "time_shift": ("--time-shift", c.time_shift if c.time_shift >= 0 else None)})
         self.net = ldmseg.LDMSeg(self.mcfg)
         return self.net
 
@@ -1409,15 +1419,11 @@ class CaptionStage(LatentStage):
         if self.mcfg.arch != self.arch:
             raise SystemExit(f"--resume {self.cfg.resume}: a {self.mcfg.arch} run, but these flags train "
                              f"a {self.arch} model (--two-stream or not?)")
-        c, m, differ = self.cfg, self.mcfg, []             # the model flags given (unset: 0, False, -1)
-        if c.patch_factor and c.patch_factor != m.patch_factor:
-            differ.append(f"--patch-factor {c.patch_factor} here, {m.patch_factor} there")
-        if c.panoptic_map and not m.panoptic:
-            differ.append("--panoptic-map here, a category-only model there")
-        if c.clean_map_prob >= 0 and c.clean_map_prob != m.clean_map_prob:
-            differ.append(f"--clean-map-prob {c.clean_map_prob} here, {m.clean_map_prob} there")
-        if differ:
-            raise SystemExit(f"--resume {c.resume}: the run was trained with another model ({'; '.join(differ)})")
+        c = self.cfg                                       # the model flags given (unset: 0, False, -1)
+        refuse_other_model(c.resume, self.mcfg, {
+            "patch_factor": ("--patch-factor", c.patch_factor or None),
+            "panoptic": ("--panoptic-map", True if c.panoptic_map else None),
+            "clean_map_prob": ("--clean-map-prob", c.clean_map_prob if c.clean_map_prob >= 0 else None)})
         self.net = cogen.build_model(self.mcfg)
         return self.net
 
