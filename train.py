@@ -124,9 +124,9 @@ class TrainConfig:
     task_signal_scales: str = ""     # multitask: own b of the semantic / depth latent, e.g. semantic=1,depth=0.5 (instance and tasks not named keep --signal-scale's); "" = the preset's (shapes: depth=1)
     task_loss_weights: str = ""      # multitask: a task's loss weight, e.g. depth=10 (tasks not named: 1; replaces the preset's); "" = the preset's (shapes: depth=2.5)
     task_sample_weights: str = ""    # multitask: a task's relative sampling weight, e.g. depth=2 for half of the samples (tasks not named: 1; replaces the preset's); "" = the preset's (shapes: depth=4; others: uniform)
-    eval_steps: int = 0              # DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
-    eval_dpm_steps: int = 0          # DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (shapes: 20; coco cogen: 50)
-    min_word_count: int = 0          # cogen: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
+    eval_steps: int = 0              # stage 2 / multitask: DDIM steps of the end-of-run evaluation; 0 = the preset's  # PAPER: DDIM 50
+    eval_dpm_steps: int = 0          # stage 2 / cogen: DPM-Solver++ steps of the end-of-run evaluation; 0 = the preset's (shapes: 20; coco cogen: 50)
+    min_word_count: int = 0          # cogen / t2i: caption words seen fewer times become <unk>; 0 = the preset's (1; coco 5)
     patch_factor: int = 0            # cogen: Multi-Scale Patching f in {1, 2, 4} (map f x the latent side, map patch f x the image patch); 0 = the preset's (2)  [PDM Table 2]
     clean_map_prob: float = -1.0     # cogen: share of samples whose map input is the clean map, what given-map sampling (sample.py --map) feeds; -1 = the preset's (0)  [PDM 'given maps']
     panoptic_map: bool = False       # cogen: also co-generate instance bits beside the category bits, a true panoptic map (our extension, cogen.py §2)
@@ -200,6 +200,16 @@ PRESET_DEFAULTS: dict[str, Any] = dict(crop=0, grad_clip=1.0,                   
                                        weight_decay=0.05, adam_beta2=0.999, warmup_steps=200,   # PAPER: LDMSeg
                                        min_lr_ratio=0.01, ema_decay=0.999)
 
+# What the numeric flags take once the preset has filled them (the -1 / 0 "preset's" values are gone by then).
+FLAG_RANGES = (
+    (("max_steps", "batch_size", "lr", "image_size", "log_every", "ckpt_every", "num_train", "num_val"),
+     lambda v: v > 0, "a positive number"),
+    (("crop", "num_workers", "preview_every", "eval_images", "stop_after", "skip_nonfinite", "warmup_steps",
+      "weight_decay", "grad_clip", "eval_steps", "eval_dpm_steps", "min_word_count"),
+     lambda v: v >= 0, "0 or more"),
+    (("min_lr_ratio",), lambda v: 0 <= v <= 1, "0..1"),
+    (("ema_decay", "adam_beta2"), lambda v: 0 <= v < 1, "0..1, 1 excluded"),
+)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -235,14 +245,21 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--dtype takes auto, fp32 or bf16 (fp16 would need loss scaling), got {cfg.dtype!r}")
     for flag, value, stages in (("--mask-ae", cfg.mask_ae, ("2", "multitask")),
                                 ("--init-unet", cfg.init_unet, ("2", "multitask")),
-                                ("--image-vae", cfg.image_vae, ("2", "multitask", "cogen", "t2i"))):
-        if value and cfg.stage not in stages:
+                                ("--image-vae", cfg.image_vae, ("2", "multitask", "cogen", "t2i")),
+                                ("--eval-steps", cfg.eval_steps, ("2", "multitask")),
+                                ("--eval-dpm-steps", cfg.eval_dpm_steps, ("2", "cogen")),
+                                ("--min-word-count", cfg.min_word_count, ("cogen", "t2i"))):
+        if value and cfg.stage not in stages:           # a flag the stage would silently ignore
             raise SystemExit(f"{flag} belongs to --stage {' / '.join(stages)}, not {cfg.stage}")
     if cfg.patch_factor not in (0, 1, 2, 4):
         raise SystemExit(f"--patch-factor must be 1, 2 or 4 [PDM Table 2], got {cfg.patch_factor}")
     values = {**PRESET_DEFAULTS, **PRESETS[cfg.preset][cfg.stage]}
     unset = lambda k: getattr(cfg, k) == (-1 if k in PRESET_DEFAULTS else type(getattr(cfg, k))())
     out = dataclasses.replace(cfg, **{k: v for k, v in values.items() if unset(k)})
+    for names, ok, takes in FLAG_RANGES:       # after the preset has filled them: a clear error, not a traceback later
+        for name in names:
+            if not ok(getattr(out, name)):
+                raise SystemExit(f"--{name.replace('_', '-')} takes {takes}, got {getattr(out, name)}")
     if out.crop > out.image_size:              # every image is resized to image_size before the crop
         raise SystemExit(f"--crop {out.crop} is larger than --image-size {out.image_size}")
     if out.image_size % 8 or out.crop % 8:     # the autoencoders' stride: latents must cover the image exactly

@@ -50,11 +50,20 @@ def test_flags_outside_their_stage_or_range_are_refused_not_ignored():
                       (dict(stage="1", mask_ae="runs/x"), "--mask-ae belongs to --stage 2 / multitask, not 1"),
                       (dict(stage="vae", image_vae="sd.ckpt"), "--image-vae belongs to"),
                       (dict(stage="cogen", init_unet="sd.ckpt"), "--init-unet belongs to"),
+                      (dict(stage="1", eval_steps=20), "--eval-steps belongs to --stage 2 / multitask, not 1"),
+                      (dict(stage="multitask", eval_dpm_steps=20), "--eval-dpm-steps belongs to"),
+                      (dict(stage="2", min_word_count=2), "--min-word-count belongs to"),
                       (dict(stage="1", image_size=100, crop=64), "multiples of 8"),
-                      (dict(stage="1", crop=20), "multiples of 8")):
+                      (dict(stage="1", crop=20), "multiples of 8"),
+                      (dict(stage="1", batch_size=-1), "--batch-size takes a positive number, got -1"),
+                      (dict(stage="vae", log_every=-5), "--log-every takes a positive number"),
+                      (dict(stage="2", eval_steps=-3), "--eval-steps takes 0 or more"),
+                      (dict(stage="1", ema_decay=1.0), "--ema-decay takes 0..1, 1 excluded"),
+                      (dict(stage="1", min_lr_ratio=2.0), "--min-lr-ratio takes 0..1")):
         with pytest.raises(SystemExit, match=match):
             train.resolve(train.TrainConfig(**kw))
     assert train.resolve(train.TrainConfig(stage="all", mask_ae="runs/x", dtype="bf16")).stage == "2"
+    assert train.resolve(train.TrainConfig(stage="cogen", eval_dpm_steps=5, min_word_count=2)).eval_dpm_steps == 5
 
 
 def test_batch_stream_crosses_epochs_with_one_set_of_workers(shapes32):
