@@ -678,6 +678,31 @@ def depth_metrics(pred, target, valid=None) -> dict:
 # they are also written as a COCO panoptic folder, so panopticapi can re-score them.
 
 
+class Progress:
+    """Now and then a line on stderr while a model samples a split, e.g.
+    'inpainting, sparse masks: 40/400 images | 1m12s | eta 10m48s'.
+
+    At most one line every `every` seconds, and a last one at the end if any was written: loops
+    shorter than `every` stay silent, and logs stay short.
+    """
+
+    def __init__(self, what: str, total: int, every: float = 30.0):
+        self.what, self.total, self.every = what, total, every
+        self.start = self.last = time.time()
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        from train import format_eta
+        now = time.time()
+        if now - self.last < self.every and not (done >= self.total and self.shown):
+            return
+        self.last, self.shown = now, True
+        spent = now - self.start
+        eta = spent / max(done, 1) * (self.total - done)
+        print(f"{self.what}: {done}/{self.total} images | {format_eta(spent)} | eta {format_eta(eta)}",
+              file=sys.stderr, flush=True)
+
+
 def _original_size_dataset(ds: data.PanopticDataset) -> data.PanopticDataset:
     """The same split without resizing: the ground truth at its original resolution."""
     return data.PanopticDataset(ds.files, size=None, train=False, resize_mode=ds.resize_mode)
@@ -709,6 +734,7 @@ def evaluate_segmentation(model, ds: data.PanopticDataset, *, sampler: str = "dd
     acc, rows = PQAccumulator(None, class_agnostic=True), []
     gen = torch.Generator().manual_seed(seed)
     n = len(ds) if not limit else min(limit, len(ds))
+    progress, done = Progress(f"segmentation, {sampler} {steps}", n), 0
     for _, z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
         z0 = ldmseg.sample_latent(model, z_image, sampler=sampler, steps=steps, generator=gen)
         for k, gt in enumerate(gts):
@@ -718,6 +744,8 @@ def evaluate_segmentation(model, ds: data.PanopticDataset, *, sampler: str = "dd
                 writer.add(gt["file_name"], gt["image_id"], pred.numpy())
             if pictures is not None and len(rows) < 8:
                 rows.append(_picture_row(gt, pred))
+        done += len(gts)
+        progress(done)
     if rows:
         _save_rows(rows, Path(pictures))
     res = acc.compute()["All"]
@@ -794,8 +822,8 @@ def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Se
     device = next(model.parameters()).device
     f = model.mask_ae.downsample_factor
     n = len(ds) if not limit else min(limit, len(ds))
-    rows = []
-    for g in given:
+    rows, progress = [], Progress(f"inpainting, {mode} masks", n * len(given))
+    for j, g in enumerate(given):
         acc, kept, total = PQAccumulator(None, class_agnostic=True), 0, 0
         for i in range(n):
             item = ds[i]
@@ -811,6 +839,7 @@ def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Se
             acc.add(gt, item["segments_info"], pred, data.make_segments_info(pred.numpy()))
             kept += int((pred[pixel] == gt[pixel]).sum())
             total += int(pixel.sum())
+            progress(j * n + i + 1)
         res = acc.compute()["All"]
         rows.append({"mode": mode, "given": g, "pq": res["pq"], "sq": res["sq"], "rq": res["rq"],
                      "kept": kept / total if total else float("nan"), "images": n})
@@ -980,6 +1009,7 @@ def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dic
     scores, rows = MultiTaskScores(categories), []
     gen = torch.Generator().manual_seed(seed)
     n = len(ds) if not limit else min(limit, len(ds))
+    progress, done = Progress(f"multi-task, {sampler} {steps}", n), 0
     for images, z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
         z0 = ldmseg.sample_tasks_latents(model, z_image, sampler=sampler, steps=steps, generator=gen)
         for k, gt in enumerate(gts):
@@ -991,6 +1021,8 @@ def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dic
                 writer.add(gt["file_name"], gt["image_id"], merged.numpy(), {s["id"]: s["category_id"] for s in info})
             if pictures is not None and len(rows) < 8:
                 rows.append(_multitask_row(gt, pred, merged, model.config.depth_range))
+        done += len(gts)
+        progress(done)
     if rows:
         _save_rows(rows, Path(pictures))
     return scores.compute()
@@ -1610,7 +1642,7 @@ def evaluate_cogen(model, ds: data.PanopticDataset, *, steps: int | None = None,
     seg_model = seg_model if image_ae is not None else None
     tally = CogenTally() if seg_model is None else CogenTally(consistency=PQAccumulator(None, class_agnostic=True),
                                                               gt_consistency=PQAccumulator(None, class_agnostic=True))
-    captions = []
+    captions, progress = [], Progress("co-generation", n)
     for lo in range(0, n, batch_size):
         items = [ds[i] for i in range(lo, min(lo + batch_size, n))]
         x0_image, m0_bits = cogen.generate(model, [it["caption"] for it in items], sampler=sampler, steps=steps,
@@ -1630,6 +1662,7 @@ def evaluate_cogen(model, ds: data.PanopticDataset, *, steps: int | None = None,
             tally.rows.append(_cogen_picture_row(it, None if images is None else images[k], maps[k],
                                                  None if segments is None else segments[k]))
             captions.append(it["caption"])
+        progress(min(lo + batch_size, n))
     if tally.rows:
         _save_rows(tally.rows, Path(pictures))
         (Path(pictures) / "captions.txt").write_text("".join(f"{k}: {cap}\n" for k, cap in enumerate(captions)))

@@ -390,3 +390,18 @@ def test_depth_metrics_count_nonpositive_predictions_as_failures():
     assert m["delta1"] == 0.0
     with pytest.raises(ValueError, match="no valid"):
         evaluate.depth_metrics(torch.ones(2, 2), torch.zeros(2, 2))
+
+
+def test_progress_writes_at_most_a_line_per_interval_and_a_last_one(capsys, monkeypatch):
+    clock = iter([0.0, 10.0, 31.0, 45.0, 50.0])                 # the constructor, then one per call
+    monkeypatch.setattr(evaluate.time, "time", lambda: next(clock))
+    progress = evaluate.Progress("segmentation, ddim 50", 4, every=30.0)
+    for done in (1, 2, 3, 4):
+        progress(done)
+    assert capsys.readouterr().err.splitlines() == [
+        "segmentation, ddim 50: 2/4 images | 0m31s | eta 0m31s",   # 31 s after the start
+        "segmentation, ddim 50: 4/4 images | 0m50s | eta 0m00s"]   # the end, since a line was written
+    clock = iter([0.0, 5.0, 9.0])
+    quick = evaluate.Progress("inpainting, sparse masks", 2, every=30.0)
+    quick(1), quick(2)
+    assert capsys.readouterr().err == ""                          # shorter than the interval: silent
