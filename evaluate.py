@@ -708,15 +708,17 @@ def _original_size_dataset(ds: data.PanopticDataset) -> data.PanopticDataset:
     return data.PanopticDataset(ds.files, size=None, train=False, resize_mode=ds.resize_mode)
 
 
-def _image_latent_batches(model, ds: data.PanopticDataset, batch_size: int, n: int, device=None):
+def _image_latent_batches(model, ds: data.PanopticDataset, batch_size: int, n: int, device=None,
+                          what: str = "images"):
     """Yield (model-size images (B, 3, H, W), their latents z_image (B, 4, h, w), their items at original
-    size) over ds[:n]."""
+    size) over ds[:n], reporting progress (labelled `what`) as the caller finishes each batch."""
     device = device or next(model.parameters()).device
-    full = _original_size_dataset(ds)
+    full, progress = _original_size_dataset(ds), Progress(what, n)
     for lo in range(0, n, batch_size):
         idx = range(lo, min(lo + batch_size, n))
         images = torch.stack([ds[i]["image"] for i in idx]).to(device)
         yield images, model.encode_image(images), [full[i] for i in idx]
+        progress(idx.stop)                                  # the caller is back for the next batch
 
 
 @torch.no_grad()
@@ -734,8 +736,8 @@ def evaluate_segmentation(model, ds: data.PanopticDataset, *, sampler: str = "dd
     acc, rows = PQAccumulator(None, class_agnostic=True), []
     gen = torch.Generator().manual_seed(seed)
     n = len(ds) if not limit else min(limit, len(ds))
-    progress, done = Progress(f"segmentation, {sampler} {steps}", n), 0
-    for _, z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
+    for _, z_image, gts in _image_latent_batches(model, ds, batch_size, n, device,
+                                                   f"segmentation, {sampler} {steps}"):
         z0 = ldmseg.sample_latent(model, z_image, sampler=sampler, steps=steps, generator=gen)
         for k, gt in enumerate(gts):
             pred = ldmseg.decode_panoptic(model, z0[k:k + 1], tuple(gt["segments"].shape))[0].cpu()
@@ -744,8 +746,6 @@ def evaluate_segmentation(model, ds: data.PanopticDataset, *, sampler: str = "dd
                 writer.add(gt["file_name"], gt["image_id"], pred.numpy())
             if pictures is not None and len(rows) < 8:
                 rows.append(_picture_row(gt, pred))
-        done += len(gts)
-        progress(done)
     if rows:
         _save_rows(rows, Path(pictures))
     res = acc.compute()["All"]
@@ -1009,8 +1009,8 @@ def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dic
     scores, rows = MultiTaskScores(categories), []
     gen = torch.Generator().manual_seed(seed)
     n = len(ds) if not limit else min(limit, len(ds))
-    progress, done = Progress(f"multi-task, {sampler} {steps}", n), 0
-    for images, z_image, gts in _image_latent_batches(model, ds, batch_size, n, device):
+    for images, z_image, gts in _image_latent_batches(model, ds, batch_size, n, device,
+                                                   f"multi-task, {sampler} {steps}"):
         z0 = ldmseg.sample_tasks_latents(model, z_image, sampler=sampler, steps=steps, generator=gen)
         for k, gt in enumerate(gts):
             size = tuple(gt["segments"].shape)
@@ -1021,8 +1021,6 @@ def evaluate_multitask(model, ds: data.PanopticDataset, categories: Sequence[dic
                 writer.add(gt["file_name"], gt["image_id"], merged.numpy(), {s["id"]: s["category_id"] for s in info})
             if pictures is not None and len(rows) < 8:
                 rows.append(_multitask_row(gt, pred, merged, model.config.depth_range))
-        done += len(gts)
-        progress(done)
     if rows:
         _save_rows(rows, Path(pictures))
     return scores.compute()
