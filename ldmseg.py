@@ -1246,6 +1246,19 @@ class UNet(nn.Module):
 # the preset's model unguided. Nor clamping in training (the self-condition clamped as sampling clamps it):
 # PQ 14.3 / 13.3 on val (DDIM 50 / DPM-Solver++ 20) against 13.3 / 12.5, 13.4 against 12.3 on the 100 train
 # images (one training run), for 15-20 % more time per training step.
+#
+# Decoded cross-entropy, a training option (`decoded_ce_weight`; DEVIATION: LDMSeg trains on the latent
+# loss alone). The latent MSE counts every latent direction alike, though only some of them change the
+# map the decoder reads; and it is blind to what the thresholds make of a latent between two ids. The
+# option adds stage 1's own point-sampled cross-entropy (section 4) on the logits the frozen mask decoder
+# gives for the UNet's x0 estimate, against the remapped ids z_0 encodes (void ignored):
+#   L = mean( w * valid * (pred - target)^2 ) + decoded_ce_weight * CE( decode(x0_pred / (b s_t)), ids )
+# The decoder's weights stay frozen; the gradient runs through it into x0_pred. Pix2Seq-D (Chen et al.
+# 2023, arXiv 2210.06366) found a softmax cross-entropy on its predicted mask better than the L2 on its
+# analog bits; here the L2 stays and the cross-entropy is added through the decoder. It
+# needs prediction = "x0": an eps model's x0 = (z_t - sigma eps) / alpha carries its error times 1 / alpha
+# (15 at t = 999), and the cross-entropy would be ruled by the noisiest samples. A step costs one mask
+# decode with its gradient more.
 
 
 @dataclass
@@ -1277,6 +1290,7 @@ class LDMSegConfig:
     time_shift: int = 0                                # sampling: the denoiser is told t + time_shift  [DEVIATION: Analog Bits' td; section charter]
     clamp_x0: bool = False                             # sampling: each x0 estimate -> its decoded map -> that map's latent  [DEVIATION: Diffusion-LM's clamping; section charter]
     id_order: str = "random"                           # training ids: 'random' (fresh per sample) or 'raster' (first-pixel order)  [PAPER: random; DEVIATION option: data.py section 2]
+    decoded_ce_weight: float = 0.0                     # training: weight of stage 1's CE on the ids decoded from x0_pred; 0 = off  [PAPER: 0; DEVIATION option: section charter]
 
     def __post_init__(self):
         # Checkpoints store configs as plain dicts: rebuild the nested configs from them.
@@ -1302,6 +1316,14 @@ class LDMSegConfig:
             raise ValueError(f"LDMSegConfig.time_shift must lie in [0, {self.num_train_steps - 1}], got {self.time_shift}")
         if self.id_order not in ID_ORDERS:
             raise ValueError(f"LDMSegConfig.id_order must be one of {ID_ORDERS}, got {self.id_order!r}")
+        if not self.decoded_ce_weight >= 0:
+            raise ValueError(f"LDMSegConfig.decoded_ce_weight must be >= 0 (0 = off), got {self.decoded_ce_weight}")
+        if self.decoded_ce_weight and self.prediction != "x0":
+            raise ValueError("LDMSegConfig.decoded_ce_weight needs prediction='x0': an eps model's x0 estimate carries "
+                             "its error times 1 / alpha (section 8)")
+        if self.decoded_ce_weight and self.tasks:
+            raise ValueError("LDMSegConfig.decoded_ce_weight applies to the single-task panoptic latent; a multi-task "
+                             "model's semantic and depth latents have no mask decoder to decode through")
         if self.clamp_x0 and self.tasks:
             raise ValueError("LDMSegConfig.clamp_x0 applies to the single-task panoptic latent; a multi-task model's "
                              "semantic and depth latents have no mask decoder to clamp through")
@@ -1475,8 +1497,19 @@ def self_condition_input(model: nn.Module, z_t: Tensor, t: Tensor, z_image: Tens
     return x0_self
 
 
+def decoded_ce_loss(net: LDMSeg, x0_pred: Tensor, ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Stage 1's point-sampled cross-entropy on the ids the frozen mask decoder reads from x0_pred (section charter).
+
+    x0_pred: (B, 4, h, w) float in z_0's units (b * s_t * mean); ids: (B, H, W) int64, the remapped ids z_0
+    encodes (0 = void, ignored). The gradient flows through the decoder (its weights frozen) into x0_pred.
+    """
+    logits = net.mask_ae.decode(x0_pred / net.latent_scale)              # (B, 4, h, w) -> (B, 2^K, H/2, W/2)
+    return point_ce_loss(logits.float(), ids, net.config.mask_ae, generator)
+
+
 def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_image: Tensor, valid: Tensor,
-                generator: torch.Generator | None = None, task: Tensor | None = None) -> dict[str, Tensor]:
+                generator: torch.Generator | None = None, task: Tensor | None = None,
+                ids: Tensor | None = None, net: LDMSeg | None = None) -> dict[str, Tensor]:
     """The stage-2 objective [LDMSeg brief §3.3]: mean( w(t) * valid * (eps_pred - eps)^2 ), or for
     config.prediction == 'x0' mean( w_task * valid * (x0_pred - z0)^2 ) (section charter; w_task = 1 but for a
     multi-task model whose tasks have their own signal scales: x0_loss_weights). Either way a multi-task
@@ -1484,6 +1517,8 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
 
     model: the (possibly compiled / DDP-wrapped) LDMSeg; z0, z_image: (B, 4, h, w); valid (B, 1, h, w);
     task: (B,) int64 for a multi-task model (each sample's task, section 10), else None.
+    With config.decoded_ce_weight > 0 the decoded cross-entropy (decoded_ce_loss) is added, which needs
+    ids (B, H, W) int64, the remapped ids z0 encodes, and net, the bare LDMSeg (its frozen mask decoder).
     QUIRK: the mean runs over all elements, masked ones included, as the official code (not over the
     valid count) -- images with much void contribute less [LDMSeg brief §8.10].
     """
@@ -1503,7 +1538,13 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
     w = w * task_loss_weights(config, task, B).to(device)                  # (B,) ones but for a weighted task
     se = (pred - target).pow(2) * valid                                  # (B, 4, h, w)
     loss = (w.view(B, 1, 1, 1) * se).mean()
-    return {"loss": loss, "mse": se.mean()}
+    if not config.decoded_ce_weight:
+        return {"loss": loss, "mse": se.mean()}
+    if config.prediction != "x0" or ids is None or net is None:
+        raise ValueError("LDMSegConfig.decoded_ce_weight > 0 needs prediction='x0' (section 8) and ldmseg_loss's "
+                         "ids and net")
+    ce = decoded_ce_loss(net, pred, ids, generator)                       # pred is x0_pred here
+    return {"loss": loss + config.decoded_ce_weight * ce, "mse": se.mean(), "dce": ce}
 
 
 # -----------------------------------------------------------------------------

@@ -119,6 +119,7 @@ class TrainConfig:
     signal_scale: float = 0.0        # stage 2 / multitask: b, the diffusion sees b x the unit-variance mask latent; 0 = the preset's
     id_order: str = ""               # stage 2 / multitask: the training ids, random (fresh per sample, LDMSeg) | raster (first-pixel order, data.py section 2); "" = the preset's (random)
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
+    decoded_ce_weight: float = -1.0  # stage 2: weight of the cross-entropy on the ids decoded from x0_pred, beside the latent loss (ldmseg.py section 8; needs x0); -1 = the preset's (0: off)
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     task_signal_scales: str = ""     # multitask: own b of the semantic / depth latent, e.g. semantic=1,depth=0.5 (instance and tasks not named keep --signal-scale's); "" = the preset's (shapes: depth=1)
@@ -237,6 +238,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                          f"got {cfg.id_order!r}")
     if cfg.time_shift != -1 and (cfg.stage not in ("2", "multitask") or not 0 <= cfg.time_shift < 1000):
         raise SystemExit(f"--time-shift takes 0..999 and belongs to --stage 2 / all / multitask, got {cfg.time_shift}")
+    if cfg.decoded_ce_weight != -1 and (cfg.stage != "2" or not cfg.decoded_ce_weight >= 0):
+        raise SystemExit(f"--decoded-ce-weight takes a weight >= 0 (0: off) and belongs to --stage 2 / all, "
+                         f"got {cfg.decoded_ce_weight}")
     if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
         raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
     if (cfg.task_signal_scales or cfg.task_loss_weights or cfg.task_sample_weights) and cfg.stage != "multitask":
@@ -1217,6 +1221,11 @@ class LDMSegStage(LatentStage):
             self.mcfg.time_shift = 0              # the preset's shift was chosen for its own output type
         if self.mcfg.prediction != self.base_config().prediction:
             self.mcfg.clamp_x0 = False            # so was its clamping (ldmseg.py section 8)
+            self.mcfg.decoded_ce_weight = 0.0     # and its decoded loss, which needs x0
+        if self.cfg.decoded_ce_weight >= 0:
+            self.mcfg.decoded_ce_weight = self.cfg.decoded_ce_weight
+        if self.mcfg.decoded_ce_weight and self.mcfg.prediction != "x0":
+            raise SystemExit("--decoded-ce-weight needs the x0 prediction (--prediction x0; ldmseg.py section 8)")
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
         self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen
@@ -1236,7 +1245,8 @@ class LDMSegStage(LatentStage):
             "prediction": ("--prediction", c.prediction or None),
             "signal_scale": ("--signal-scale", c.signal_scale or None),
             "id_order": ("--id-order", c.id_order or None),
-            "time_shift": ("--time-shift", c.time_shift if c.time_shift >= 0 else None)})
+            "time_shift": ("--time-shift", c.time_shift if c.time_shift >= 0 else None),
+            "decoded_ce_weight": ("--decoded-ce-weight", c.decoded_ce_weight if c.decoded_ce_weight >= 0 else None)})
         self.net = ldmseg.LDMSeg(self.mcfg)
         return self.net
 
@@ -1256,7 +1266,8 @@ class LDMSegStage(LatentStage):
         ids = data.order_ids(batch["segments"], self.mcfg.mask_ae.num_bits, self.mcfg.id_order, generator)  # PAPER: random
         z0, z_image = self.net.encode_ids(ids), self.image_latents(batch)
         valid = ldmseg.void_mask_latent(batch["segments"], *z0.shape[-2:])
-        return ldmseg.ldmseg_loss(model, self.mcfg, self.net.schedule, z0.float(), z_image.float(), valid, generator)
+        return ldmseg.ldmseg_loss(model, self.mcfg, self.net.schedule, z0.float(), z_image.float(), valid, generator,
+                                  ids=ids, net=self.net)
 
     def preview(self, model, batch) -> np.ndarray:
         """Rows: image | ground truth | DDIM-20 sample (fixed generator)."""

@@ -265,6 +265,58 @@ def test_x0_prediction_loss_is_the_unweighted_masked_x0_error(tiny_model):
         dataclasses.replace(config, prediction="v")
 
 
+def test_decoded_cross_entropy_is_stage_one_ce_on_the_decoded_x0_added_with_its_weight(tiny_model, monkeypatch):
+    """The option's loss is the latent loss + weight * point_ce_loss(mask decoder(x0_pred / (b s_t)), ids)."""
+    import dataclasses
+    config = dataclasses.replace(tiny_model.config, prediction="x0", self_condition=False, decoded_ce_weight=0.25)
+    z0, z_img, valid = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.ones(2, 1, 4, 4)
+    ids = torch.randint(0, 4, (2, 32, 32))
+    guess = torch.randn(2, 4, 4, 4)
+    seen = {}
+
+    def recorder(logits, target_ids, mae_config, generator=None):
+        seen.update(logits=logits, ids=target_ids)
+        return logits.mean()
+    monkeypatch.setattr(ldmseg, "point_ce_loss", recorder)
+    out = ldmseg.ldmseg_loss(lambda z_t, t, zi, x0s: guess, config, tiny_model.schedule, z0, z_img, valid,
+                             torch.Generator().manual_seed(0), ids=ids, net=tiny_model)
+    expected_logits = tiny_model.mask_ae.decode(guess / tiny_model.latent_scale)
+    torch.testing.assert_close(seen["logits"], expected_logits)
+    assert seen["ids"] is ids
+    torch.testing.assert_close(out["dce"], expected_logits.mean())
+    torch.testing.assert_close(out["loss"], ((guess - z0).pow(2) * valid).mean() + 0.25 * expected_logits.mean())
+    with pytest.raises(ValueError, match="ids and net"):
+        ldmseg.ldmseg_loss(lambda z_t, t, zi, x0s: guess, config, tiny_model.schedule, z0, z_img, valid)
+
+
+def test_decoded_cross_entropy_trains_the_unet_through_the_frozen_mask_decoder():
+    import dataclasses
+    torch.manual_seed(0)
+    config = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0")
+    model = ldmseg.LDMSeg(config).train()
+    z0, z_img, valid = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.ones(2, 1, 4, 4)
+    ids = torch.randint(1, 4, (2, 32, 32))
+
+    def grads(weight):
+        model.zero_grad(set_to_none=True)
+        model.config.decoded_ce_weight = weight
+        out = ldmseg.ldmseg_loss(model, model.config, model.schedule, z0, z_img, valid,
+                                 torch.Generator().manual_seed(0), ids=ids, net=model)
+        out["loss"].backward()
+        return out, model.unet.conv_out.weight.grad.clone()
+    plain, g0 = grads(0.0)
+    decoded, g1 = grads(1.0)
+    assert "dce" not in plain and decoded["dce"].item() > 0
+    assert not torch.allclose(g0, g1)                                     # the CE reaches the UNet
+    assert all(p.grad is None for p in model.mask_ae.parameters())        # the decoder stays frozen
+    assert all(ldmseg.LDMSegConfig.preset(name).decoded_ce_weight >= 0 for name in ("tiny", "shapes", "coco"))
+    for bad in (dict(decoded_ce_weight=-1.0), dict(decoded_ce_weight=0.1, prediction="eps")):
+        with pytest.raises(ValueError, match="decoded_ce_weight"):
+            dataclasses.replace(config, **bad)
+    with pytest.raises(ValueError, match="decoded_ce_weight"):
+        dataclasses.replace(ldmseg.multitask_config("tiny"), prediction="x0", decoded_ce_weight=0.1)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -353,7 +405,7 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
     orders, order_ids = [], data.order_ids
     monkeypatch.setattr(data, "order_ids", lambda ids, k, order, g=None: orders.append(order) or order_ids(ids, k, order, g))
     metrics = train.main(["--stage", "2", "--prediction", "x0", "--signal-scale", "0.2", "--time-shift", "40",
-                          "--id-order", "raster", "--preset", "tiny", "--data", str(shapes),
+                          "--id-order", "raster", "--decoded-ce-weight", "0.5", "--preset", "tiny", "--data", str(shapes),
                           "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--out-dir", str(tmp_path),
                           "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2",
                           "--eval-images", "1", "--log-every", "2"])
@@ -361,14 +413,16 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
     config = ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt")).config
     assert config.prediction == "x0" and config.signal_scale == 0.2 and config.time_shift == 40
     assert config.id_order == "raster" and orders == ["raster", "raster"]      # the two training steps' targets
+    assert config.decoded_ce_weight == 0.5 and "dce " in (tmp_path / "log.txt").read_text()
     assert ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt"), time_shift=0).config.time_shift == 0
     with pytest.raises(ValueError, match="time_shift"):
         ldmseg.LDMSegConfig(time_shift=1000)
     for bad in (["--stage", "2", "--prediction", "v"], ["--stage", "vae", "--prediction", "x0"],
                 ["--stage", "1", "--signal-scale", "0.2"], ["--stage", "2", "--signal-scale", "-1"],
                 ["--stage", "2", "--time-shift", "1000"], ["--stage", "1", "--time-shift", "5"],
-                ["--stage", "2", "--id-order", "area"], ["--stage", "1", "--id-order", "raster"]):
-        with pytest.raises(SystemExit, match="--prediction|--signal-scale|--time-shift|--id-order"):
+                ["--stage", "2", "--id-order", "area"], ["--stage", "1", "--id-order", "raster"],
+                ["--stage", "2", "--decoded-ce-weight", "-0.5"], ["--stage", "multitask", "--decoded-ce-weight", "1"]):
+        with pytest.raises(SystemExit, match="--prediction|--signal-scale|--time-shift|--id-order|--decoded-ce-weight"):
             train.main(bad)
 
 
@@ -379,7 +433,8 @@ def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, 
     import dataclasses
     import train
     root, shapes = tiny_runs
-    preset = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0", time_shift=300, clamp_x0=True)
+    preset = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0", time_shift=300, clamp_x0=True,
+                                 decoded_ce_weight=0.1)
     monkeypatch.setattr(train.LDMSegStage, "base_config", lambda self: preset)
     common = ["--stage", "2", "--preset", "tiny", "--data", str(shapes), "--image-vae", str(root / "vae"),
               "--mask-ae", str(root / "s1"), "--num-workers", "0", "--preview-every", "0", "--device", "cpu",
@@ -389,6 +444,9 @@ def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, 
         train.main(common + extra + ["--out-dir", str(out)])
         config = ldmseg.load_ldmseg(train.load_checkpoint(out / "ckpt.pt")).config
         assert config.time_shift == expected and config.clamp_x0 == (expected == 300)   # clamping goes with x0
+        assert config.decoded_ce_weight == (0.1 if expected == 300 else 0.0)             # so does the decoded loss
+    with pytest.raises(SystemExit, match="--decoded-ce-weight needs the x0"):
+        train.main(common + ["--prediction", "eps", "--decoded-ce-weight", "0.1", "--out-dir", str(tmp_path / "e")])
 
 
 def test_stage2_resume_keeps_its_own_autoencoders_whatever_the_flags_name(tiny_runs, tmp_path):
