@@ -309,7 +309,7 @@ def test_decoded_cross_entropy_trains_the_unet_through_the_frozen_mask_decoder()
     assert "dce" not in plain and decoded["dce"].item() > 0
     assert not torch.allclose(g0, g1)                                     # the CE reaches the UNet
     assert all(p.grad is None for p in model.mask_ae.parameters())        # the decoder stays frozen
-    assert all(ldmseg.LDMSegConfig.preset(name).decoded_ce_weight >= 0 for name in ("tiny", "shapes", "coco"))
+    assert all(ldmseg.LDMSegConfig.preset(name).decoded_ce_weight == 0 for name in ("tiny", "shapes", "coco"))  # off
     for bad in (dict(decoded_ce_weight=-1.0), dict(decoded_ce_weight=0.1, prediction="eps")):
         with pytest.raises(ValueError, match="decoded_ce_weight"):
             dataclasses.replace(config, **bad)
