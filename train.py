@@ -120,6 +120,7 @@ class TrainConfig:
     id_order: str = ""               # stage 2 / multitask: the training ids, random (fresh per sample, LDMSeg) | raster (first-pixel order, data.py section 2); "" = the preset's (random)
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
     decoded_ce_weight: float = -1.0  # stage 2: weight of the cross-entropy on the ids decoded from x0_pred, beside the latent loss (ldmseg.py section 8; needs x0); -1 = the preset's (0: off)
+    area_weight_power: float = -1.0  # stage 2: p, each latent cell's loss weighted by area^-p of its segments (ldmseg.py section 8); -1 = the preset's (0: every cell alike)
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     task_signal_scales: str = ""     # multitask: own b of the semantic / depth latent, e.g. semantic=1,depth=0.5 (instance and tasks not named keep --signal-scale's); "" = the preset's (shapes: depth=1)
@@ -241,6 +242,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.decoded_ce_weight != -1 and (cfg.stage != "2" or not cfg.decoded_ce_weight >= 0):
         raise SystemExit(f"--decoded-ce-weight takes a weight >= 0 (0: off) and belongs to --stage 2 / all, "
                          f"got {cfg.decoded_ce_weight}")
+    if cfg.area_weight_power != -1 and (cfg.stage != "2" or not cfg.area_weight_power >= 0):
+        raise SystemExit(f"--area-weight-power takes a power >= 0 (0: every cell alike) and belongs to --stage 2 / all, "
+                         f"got {cfg.area_weight_power}")
     if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
         raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
     if (cfg.task_signal_scales or cfg.task_loss_weights or cfg.task_sample_weights) and cfg.stage != "multitask":
@@ -1222,10 +1226,13 @@ class LDMSegStage(LatentStage):
         if self.mcfg.prediction != self.base_config().prediction:
             self.mcfg.clamp_x0 = False            # so was its clamping (ldmseg.py section 8)
             self.mcfg.decoded_ce_weight = 0.0     # and its decoded loss, which needs x0
+            self.mcfg.area_weight_power = 0.0     # and its loss weights, measured with x0 only
         if self.cfg.decoded_ce_weight >= 0:
             self.mcfg.decoded_ce_weight = self.cfg.decoded_ce_weight
         if self.mcfg.decoded_ce_weight and self.mcfg.prediction != "x0":
             raise SystemExit("--decoded-ce-weight needs the x0 prediction (--prediction x0; ldmseg.py section 8)")
+        if self.cfg.area_weight_power >= 0:
+            self.mcfg.area_weight_power = self.cfg.area_weight_power
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
         self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen
@@ -1246,7 +1253,8 @@ class LDMSegStage(LatentStage):
             "signal_scale": ("--signal-scale", c.signal_scale or None),
             "id_order": ("--id-order", c.id_order or None),
             "time_shift": ("--time-shift", c.time_shift if c.time_shift >= 0 else None),
-            "decoded_ce_weight": ("--decoded-ce-weight", c.decoded_ce_weight if c.decoded_ce_weight >= 0 else None)})
+            "decoded_ce_weight": ("--decoded-ce-weight", c.decoded_ce_weight if c.decoded_ce_weight >= 0 else None),
+            "area_weight_power": ("--area-weight-power", c.area_weight_power if c.area_weight_power >= 0 else None)})
         self.net = ldmseg.LDMSeg(self.mcfg)
         return self.net
 
@@ -1265,7 +1273,7 @@ class LDMSegStage(LatentStage):
         import ldmseg
         ids = data.order_ids(batch["segments"], self.mcfg.mask_ae.num_bits, self.mcfg.id_order, generator)  # PAPER: random
         z0, z_image = self.net.encode_ids(ids), self.image_latents(batch)
-        valid = ldmseg.void_mask_latent(batch["segments"], *z0.shape[-2:])
+        valid = ldmseg.area_weighted_mask(batch["segments"], *z0.shape[-2:], self.mcfg.area_weight_power)
         return ldmseg.ldmseg_loss(model, self.mcfg, self.net.schedule, z0.float(), z_image.float(), valid, generator,
                                   ids=ids, net=self.net)
 

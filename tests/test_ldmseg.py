@@ -59,6 +59,28 @@ def test_void_cells_are_masked_out_of_the_loss(tiny_model):
     assert ldmseg.void_mask_latent(ids, 4, 4)[0, 0].tolist() == [[1.0] * 4] * 2 + [[0.0] * 4] * 2
 
 
+def test_area_weights_by_hand():
+    """Segment 1 covers 10 px, segment 2 4 px, void 2 px; 2 x 2-pixel cells; p = 1 (section 8 charter)."""
+    ids = torch.tensor([[1, 1, 1, 1],
+                        [1, 1, 1, 1],
+                        [1, 1, 2, 2],
+                        [0, 0, 2, 2]])[None]
+    # Cell means of area^-1: 1/10, 1/10, (1/10 + 1/10 + 0 + 0) / 4, 1/4; their mean 1/8 -> rescaled to 1.
+    weights = ldmseg.area_weighted_mask(ids, 2, 2, 1.0)
+    assert torch.allclose(weights[0, 0], torch.tensor([[0.8, 0.8], [0.4, 2.0]]))
+    half = ldmseg.area_weighted_mask(ids, 2, 2, 0.5)[0, 0]               # p = 0.5: 10^-0.5 ... 4^-0.5
+    raw = torch.tensor([[10 ** -0.5, 10 ** -0.5], [10 ** -0.5 / 2, 0.5]])
+    assert torch.allclose(half, raw / raw.mean()) and torch.allclose(half.mean(), torch.tensor(1.0))
+    assert torch.equal(ldmseg.area_weighted_mask(ids, 2, 2, 0.0), ldmseg.void_mask_latent(ids, 2, 2))  # p = 0: the paper
+    two = torch.stack([ids[0], torch.zeros(4, 4, dtype=torch.long)])      # an all-void sample beside it
+    weights = ldmseg.area_weighted_mask(two * 70_000, 2, 2, 1.0)          # large (COCO-like) segment ids
+    assert torch.allclose(weights[0, 0], torch.tensor([[0.8, 0.8], [0.4, 2.0]])) and not weights[1].any()
+    assert ldmseg.LDMSegConfig.preset("coco").area_weight_power == 0 == ldmseg.LDMSegConfig().area_weight_power
+    for bad in (dict(area_weight_power=-0.5), dict(area_weight_power=0.5, tasks=("instance", "depth"))):
+        with pytest.raises(ValueError, match="area_weight_power"):
+            ldmseg.LDMSegConfig(**bad)
+
+
 def test_overfitting_one_batch_lowers_the_diffusion_loss():
     torch.manual_seed(0)
     model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny"))
@@ -404,8 +426,11 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
     root, shapes = tiny_runs
     orders, order_ids = [], data.order_ids
     monkeypatch.setattr(data, "order_ids", lambda ids, k, order, g=None: orders.append(order) or order_ids(ids, k, order, g))
+    powers, area_weighted_mask = [], ldmseg.area_weighted_mask
+    monkeypatch.setattr(ldmseg, "area_weighted_mask", lambda ids, h, w, p: powers.append(p) or area_weighted_mask(ids, h, w, p))
     metrics = train.main(["--stage", "2", "--prediction", "x0", "--signal-scale", "0.2", "--time-shift", "40",
-                          "--id-order", "raster", "--decoded-ce-weight", "0.5", "--preset", "tiny", "--data", str(shapes),
+                          "--id-order", "raster", "--decoded-ce-weight", "0.5", "--area-weight-power", "0.7",
+                          "--preset", "tiny", "--data", str(shapes),
                           "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--out-dir", str(tmp_path),
                           "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2",
                           "--eval-images", "1", "--log-every", "2"])
@@ -414,6 +439,7 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
     assert config.prediction == "x0" and config.signal_scale == 0.2 and config.time_shift == 40
     assert config.id_order == "raster" and orders == ["raster", "raster"]      # the two training steps' targets
     assert config.decoded_ce_weight == 0.5 and "dce " in (tmp_path / "log.txt").read_text()
+    assert config.area_weight_power == 0.7 and powers == [0.7, 0.7]      # the two training steps' loss weights
     assert ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt"), time_shift=0).config.time_shift == 0
     with pytest.raises(ValueError, match="time_shift"):
         ldmseg.LDMSegConfig(time_shift=1000)
@@ -421,8 +447,10 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
                 ["--stage", "1", "--signal-scale", "0.2"], ["--stage", "2", "--signal-scale", "-1"],
                 ["--stage", "2", "--time-shift", "1000"], ["--stage", "1", "--time-shift", "5"],
                 ["--stage", "2", "--id-order", "area"], ["--stage", "1", "--id-order", "raster"],
-                ["--stage", "2", "--decoded-ce-weight", "-0.5"], ["--stage", "multitask", "--decoded-ce-weight", "1"]):
-        with pytest.raises(SystemExit, match="--prediction|--signal-scale|--time-shift|--id-order|--decoded-ce-weight"):
+                ["--stage", "2", "--decoded-ce-weight", "-0.5"], ["--stage", "multitask", "--decoded-ce-weight", "1"],
+                ["--stage", "2", "--area-weight-power", "-0.5"], ["--stage", "1", "--area-weight-power", "1"]):
+        with pytest.raises(SystemExit, match="--prediction|--signal-scale|--time-shift|--id-order|--decoded-ce-weight"
+                                             "|--area-weight-power"):
             train.main(bad)
 
 
@@ -434,7 +462,7 @@ def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, 
     import train
     root, shapes = tiny_runs
     preset = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0", time_shift=300, clamp_x0=True,
-                                 decoded_ce_weight=0.1)
+                                 decoded_ce_weight=0.1, area_weight_power=0.5)
     monkeypatch.setattr(train.LDMSegStage, "base_config", lambda self: preset)
     common = ["--stage", "2", "--preset", "tiny", "--data", str(shapes), "--image-vae", str(root / "vae"),
               "--mask-ae", str(root / "s1"), "--num-workers", "0", "--preview-every", "0", "--device", "cpu",
@@ -445,6 +473,7 @@ def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, 
         config = ldmseg.load_ldmseg(train.load_checkpoint(out / "ckpt.pt")).config
         assert config.time_shift == expected and config.clamp_x0 == (expected == 300)   # clamping goes with x0
         assert config.decoded_ce_weight == (0.1 if expected == 300 else 0.0)             # so does the decoded loss
+        assert config.area_weight_power == (0.5 if expected == 300 else 0.0)             # and the loss weights
     with pytest.raises(SystemExit, match="--decoded-ce-weight needs the x0"):
         train.main(common + ["--prediction", "eps", "--decoded-ce-weight", "0.1", "--out-dir", str(tmp_path / "e")])
 
@@ -469,6 +498,8 @@ def test_stage2_resume_keeps_its_own_autoencoders_whatever_the_flags_name(tiny_r
             assert torch.equal(resumed["model"][name], w), name
     with pytest.raises(SystemExit, match="another model.*--id-order raster here, random there"):
         train.main(s2 + ["--mask-ae", str(root / "s1"), "--id-order", "raster", "--resume", str(tmp_path / "s2")])
+    with pytest.raises(SystemExit, match="another model.*--area-weight-power 0.5 here, 0.0 there"):
+        train.main(s2 + ["--mask-ae", str(root / "s1"), "--area-weight-power", "0.5", "--resume", str(tmp_path / "s2")])
 
 
 def test_an_unfinished_prerequisite_run_is_resumed_not_trained_again(tiny_runs, tmp_path, monkeypatch):
