@@ -1318,7 +1318,7 @@ class LDMSegConfig:
     clamp_x0: bool = False                             # sampling: each x0 estimate -> its decoded map -> that map's latent  [DEVIATION: Diffusion-LM's clamping; section charter]
     id_order: str = "random"                           # training ids: 'random' (fresh per sample) or 'raster' (first-pixel order)  [PAPER: random; DEVIATION option: data.py section 2]
     decoded_ce_weight: float = 0.0                     # training: weight of stage 1's CE on the ids decoded from x0_pred; 0 = off  [PAPER: 0; DEVIATION option: section charter]
-    area_weight_power: float = 0.0                     # training: latent cells weighted by area^-p of their segments; 0 = alike  [PAPER: 0; DEVIATION: section charter]
+    area_weight_power: float = 0.0                     # training: latent cells weighted by area^-p of their segments; 0 = alike  [PAPER: 0; DEVIATION option: section charter]
 
     def __post_init__(self):
         # Checkpoints store configs as plain dicts: rebuild the nested configs from them.
@@ -1567,7 +1567,8 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
     multi-task model whose tasks have their own signal scales: x0_loss_weights). Either way a multi-task
     model's samples are further weighted by config.task_loss_weights (task_loss_weights; default 1).
 
-    model: the (possibly compiled / DDP-wrapped) LDMSeg; z0, z_image: (B, 4, h, w); valid (B, 1, h, w);
+    model: the (possibly compiled / DDP-wrapped) LDMSeg; z0, z_image: (B, 4, h, w); valid (B, 1, h, w), the
+    void mask (void_mask_latent) or the area weights (area_weighted_mask);
     task: (B,) int64 for a multi-task model (each sample's task, section 10), else None.
     With config.decoded_ce_weight > 0 the decoded cross-entropy (decoded_ce_loss) is added, which needs
     ids (B, H, W) int64, the remapped ids z0 encodes, and net, the bare LDMSeg (its frozen mask decoder).
