@@ -76,6 +76,7 @@ def test_area_weights_by_hand():
     weights = ldmseg.area_weighted_mask(two * 70_000, 2, 2, 1.0)          # large (COCO-like) segment ids
     assert torch.allclose(weights[0, 0], torch.tensor([[0.8, 0.8], [0.4, 2.0]])) and not weights[1].any()
     assert ldmseg.LDMSegConfig.preset("coco").area_weight_power == 0 == ldmseg.LDMSegConfig().area_weight_power
+    assert ldmseg.LDMSegConfig.preset("shapes").area_weight_power == 0.5 and ldmseg.LDMSegConfig.preset("tiny").area_weight_power == 0
     for bad in (dict(area_weight_power=-0.5), dict(area_weight_power=0.5, tasks=("instance", "depth"))):
         with pytest.raises(ValueError, match="area_weight_power"):
             ldmseg.LDMSegConfig(**bad)

@@ -463,6 +463,7 @@ def test_shapes_stage2_and_multitask_presets_and_coco_the_papers():
     stage2, multi = ldmseg.LDMSegConfig.preset("shapes"), ldmseg.multitask_config("shapes")
     assert (stage2.prediction, stage2.signal_scale, stage2.time_shift, stage2.clamp_x0) == ("x0", 1.0, 300, True)
     assert (multi.prediction, multi.signal_scale, multi.time_shift, multi.clamp_x0) == ("x0", 0.1, 300, False)
+    assert stage2.area_weight_power == 0.5 and multi.area_weight_power == 0.0   # a config with tasks refuses p > 0
     assert multi.task_signal_scales == {"depth": 1.0} and stage2.task_signal_scales == {}
     assert multi.task_loss_weights == {"depth": 2.5} and stage2.task_loss_weights == {}
     assert multi.task_sample_weights == {"depth": 4.0} and stage2.task_sample_weights == {}
