@@ -220,7 +220,8 @@ def check_annotation(ids: np.ndarray, segments_info: list[dict], where: str) -> 
 # segments numbered 1..M in raster order of their first pixel (top row first, then left to right), so
 # the id of every segment is a function of the map and the image tells it. With random ids the model
 # must first choose an id per segment and keep it over all the segment's latent cells, which a small
-# model trained for minutes does poorly (README, Results: PQ 21.5 -> 31.8 on Shapes val). The price is
+# model trained for minutes does poorly (README, Results: PQ 22.5 -> 27.4 on Shapes val, 21.5 -> 31.8 on
+# another machine with the preset before). The price is
 # what random ids buy: the noise no longer chooses the ids, so a partial map's ids must follow the same
 # order to be completed (ldmseg.py section 11).
 

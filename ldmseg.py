@@ -1260,16 +1260,17 @@ class UNet(nn.Module):
 # needs prediction = "x0": an eps model's x0 = (z_t - sigma eps) / alpha carries its error times 1 / alpha
 # (15 at t = 999), and the cross-entropy would be ruled by the noisiest samples. A step costs one mask
 # decode with its gradient more: 1.3 times the preset's step on the CPU (1.7 against 2.2 it/s, one thread).
-# Measured on the quick start's autoencoders (one thread beside another run; PQ DDIM 50 / DPM-Solver++ 20 on
-# the 200 val images): 2,400 steps at weight 0.1 score 23.5 / 22.8, and 23.1 / 22.8 with seed 1, against the
-# preset's 21.5 / 21.3 and 19.9 / 19.9; at weight 0.3 21.8 / 21.7. But the preset given the same time (3,100
-# steps) scores 25.5 / 25.1, and 23.5 / 23.7 with seed 1; on 100 *train* images (DDIM 20) 23.5 against 22.7
-# at 0.1 and 21.9 at 0.3. The loss buys no more than the steps its time would buy: off in every preset.
+# Measured on the quick start's autoencoders, every cell weighed alike (the preset before the area weights
+# below; one thread beside another run; PQ DDIM 50 / DPM-Solver++ 20 on the 200 val images): 2,400 steps at
+# weight 0.1 score 23.5 / 22.8, and 23.1 / 22.8 with seed 1, against that preset's 21.5 / 21.3 and 19.9 /
+# 19.9; at weight 0.3 21.8 / 21.7. But that preset given the same time (3,100 steps) scores 25.5 / 25.1, and
+# 23.5 / 23.7 with seed 1; on 100 *train* images (DDIM 20) 23.5 against 22.7 at 0.1 and 21.9 at 0.3. The
+# loss buys no more than the steps its time would buy: off in every preset.
 #
-# Area-weighted latent loss, a training option (`area_weight_power` p; DEVIATION: LDMSeg weights every
-# non-void latent cell alike). Under the plain mean a segment counts in proportion to its area, so a
-# Shapes image's sky and sea rule the loss while its things -- one to four latent cells each -- are
-# where stage 2 fails (missed or merged: RQ 0.25-0.30 against SQ 0.72). With p > 0 each pixel weighs
+# Area-weighted latent loss (`area_weight_power` p; DEVIATION: LDMSeg weights every non-void latent cell
+# alike; the `shapes` preset takes p = 0.5). Under the plain mean a segment counts in proportion to its
+# area, so a Shapes image's sky and sea rule the loss while its things -- one to four latent cells each --
+# are where stage 2 fails (missed or merged: RQ 0.25-0.30 against SQ 0.72). With p > 0 each pixel weighs
 # area^-p (the area of its segment, in pixels; void 0), a latent cell weighs the mean of its pixels, and
 # the weights of each sample's non-void cells are rescaled to average 1:
 #   valid_p[c] = valid[c] * mean_{x in c} area(x)^-p / mean_{c' valid}( mean_{x in c'} area(x)^-p )
@@ -1280,9 +1281,9 @@ class UNet(nn.Module):
 # costs nothing measurable per step (4.9 against 4.8 it/s).
 # Measured on the AMD EPYC machine of the README, on its quick start's autoencoders (2,400 steps, two
 # threads; PQ DDIM 50 / DPM-Solver++ 20 on the 200 val images, and DDIM 20 on 100 *train* images): p = 0.5
-# scores 22.5 / 22.0 · 19.4, 19.1 / 18.6 · 18.3 and 22.9 / 22.8 · 19.5 in seeds 0 / 1 / 2, against the
-# preset's 18.3 / 18.2 · 16.8, 19.0 / 17.8 · 16.5 and 20.6 / 20.0 · 17.2: up in every pair, by 2.2 / 2.5 / 2.3
-# points on average, about the preset's own spread over seeds. p = 0.25: 21.8 / 21.4 · 19.4. p = 1: 7.7 / 6.9 ·
+# scores 22.5 / 22.0 · 19.4, 19.1 / 18.6 · 18.3 and 22.9 / 22.8 · 19.5 in seeds 0 / 1 / 2, against p = 0's
+# 18.3 / 18.2 · 16.8, 19.0 / 17.8 · 16.5 and 20.6 / 20.0 · 17.2: up in every pair, by 2.2 / 2.5 / 2.3
+# points on average, about p = 0's own spread over seeds. p = 0.25: 21.8 / 21.4 · 19.4. p = 1: 7.7 / 6.9 ·
 # 6.0, the stuff regions, weighed too little, broken into many segments (its val grid). The `shapes`
 # preset takes p = 0.5 (chosen on the train figures above); `coco`, `tiny` and the multi-task model keep
 # the paper's 0.
@@ -2220,8 +2221,8 @@ def depth_picture(depth: Tensor, depth_range: tuple[float, float]) -> Tensor:
 #     holding every other pixel to the id the sampled latent decodes to, so the neighbours keep their
 #     own segments (without it they break into fragments of other ids).
 # The map is still the decoder's output of one latent; nothing is pasted.
-# Chosen on 40 *train* images (the quick start's model, DDIM 20; PQ and the share of given ids kept;
-# nothing given scores 12.1 and 14.2 on the sparse and global runs' seeds):
+# Chosen on 40 *train* images (the quick start's model of then, b = 1 without area weights, DDIM 20; PQ
+# and the share of given ids kept; nothing given scores 12.1 and 14.2 on the sparse and global runs' seeds):
 #                                                   sparse 0.1    sparse 0.5    global 0.1    global 0.5
 #   final fit of the known cells alone (before)     12.1  94.8 %  57.1  98.6 %  12.6  98.3 %  44.2  99.3 %
 #   + 5 steps, lr 0.05, on every x0, every cell     13.1  95.7    62.9  98.9    13.2  98.7    45.2  99.4
