@@ -102,6 +102,7 @@ class TrainConfig:
     dtype: str = "auto"              # autocast dtype: auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
     compile: bool = False            # torch.compile the model (same numbers, faster on GPU)
     num_workers: int = 2             # DataLoader worker processes
+    data_cache_mb: int = 1024        # keep the decoded training items in memory when the whole train split fits in this many MiB, in each data process (0 = off; data.PanopticDataset)
     log_every: int = 50              # steps between log lines
     preview_every: int = 500         # steps between preview PNGs (0 = only at the end)
     ckpt_every: int = 1000           # steps between checkpoints (always one at the end)
@@ -206,7 +207,7 @@ PRESET_DEFAULTS: dict[str, Any] = dict(crop=0, grad_clip=1.0,                   
 FLAG_RANGES = (
     (("max_steps", "batch_size", "lr", "image_size", "log_every", "ckpt_every", "num_train", "num_val"),
      lambda v: v > 0, "a positive number"),
-    (("crop", "num_workers", "preview_every", "eval_images", "stop_after", "skip_nonfinite", "warmup_steps",
+    (("crop", "num_workers", "data_cache_mb", "preview_every", "eval_images", "stop_after", "skip_nonfinite", "warmup_steps",
       "weight_decay", "grad_clip", "eval_steps", "eval_dpm_steps", "min_word_count"),
      lambda v: v >= 0, "0 or more"),
     (("min_lr_ratio",), lambda v: 0 <= v <= 1, "0..1"),
@@ -584,7 +585,7 @@ class Stage:
         root = self._data_root()
         kw = dict(size=self.cfg.image_size, seed=self.cfg.seed, max_segments=self.max_segments())
         return (data.shapes_dataset(root, "train", train=True, crop=self.cfg.crop, load_image=self.needs_image,
-                                    load_depth=self.needs_depth, **kw),
+                                    load_depth=self.needs_depth, cache_mb=self.cfg.data_cache_mb, **kw),
                 data.shapes_dataset(root, "val", train=False, **kw))
 
     def _data_root(self) -> Path:
@@ -1112,7 +1113,7 @@ def prerequisite(cfg: TrainConfig, stage: str, path: str, log: Logger, carry: tu
         return load_checkpoint(path, stage)
     sub = TrainConfig(stage=stage, preset=cfg.preset, data=cfg.data, seed=cfg.seed, device=cfg.device,
                       dtype=cfg.dtype, compile=cfg.compile, num_workers=cfg.num_workers,
-                      num_train=cfg.num_train, num_val=cfg.num_val)
+                      data_cache_mb=cfg.data_cache_mb, num_train=cfg.num_train, num_val=cfg.num_val)
     sub = dataclasses.replace(sub, **{k: getattr(cfg, k) for k in carry})
     run = Path(resolve(sub).out_dir)
     if not (run / "ckpt.pt").exists():
@@ -1438,7 +1439,8 @@ class CaptionStage(LatentStage):
             kw = dict(size=self.cfg.image_size, seed=self.cfg.seed, resize_mode="center_crop", hflip=False,
                       max_segments=2 ** pdm.instance_bits - 1 if pdm.panoptic or self.cfg.panoptic_map else None)
             root = self._data_root()
-            self._datasets = (data.shapes_dataset(root, "train", train=True, load_depth=self.needs_depth, **kw),
+            self._datasets = (data.shapes_dataset(root, "train", train=True, load_depth=self.needs_depth,
+                                                  cache_mb=self.cfg.data_cache_mb, **kw),
                               data.shapes_dataset(root, "val", train=False, **kw))
         return self._datasets
 

@@ -193,6 +193,33 @@ def test_augmentation_depends_only_on_seed_epoch_index(shapes_root):
     assert any(not torch.equal(flips[0], f) for f in flips[1:])              # hflip does happen
 
 
+def _assert_same_item(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_decoded_item_cache_gives_the_same_items_and_keeps_none_past_its_budget(shapes_root):
+    kw = dict(size=48, train=True, seed=1, crop=32, max_segments=3)       # resize, crop, flip, cap: all run
+    plain = data.shapes_dataset(shapes_root, "train", **kw)
+    cached = data.shapes_dataset(shapes_root, "train", cache_mb=64, **kw)
+    for epoch in range(4):
+        for idx in range(len(plain)):
+            item = cached[(epoch, idx)]
+            _assert_same_item(plain[(epoch, idx)], item)
+            item["segments"].fill_(7)                                     # what a caller does to an item
+            for s in item["segments_info"]:                               # must not reach the cache
+                s["id"], s["category_id"] = -1, -1
+    assert len(cached._decoded) == len(plain) and plain._decoded is None
+    assert any(cached[(e, 0)]["flipped"] for e in range(4)) and any(cached[(0, i)]["dropped_segments"] for i in range(6))
+    small = data.shapes_dataset(shapes_root, "train", cache_mb=0.01, **kw)  # one item alone is over 10 KiB
+    _assert_same_item(plain[(0, 1)], small[(0, 1)])
+    assert small._decoded is None
+
+
 # ----------------------------------------------------------------------------- COCO-style fixture
 
 def _coco_fixture(root, image_modes):
