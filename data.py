@@ -703,7 +703,8 @@ class PanopticDataset(torch.utils.data.Dataset):
     cache_mb (train.py sets it from --data-cache-mb): keep each item's decoded files (the image, the
     contiguous id and category maps, its segments_info) in memory, so that later epochs skip reading,
     decoding and checking them -- when the whole split fits in cache_mb MiB, judged from the first item
-    decoded; else nothing is kept. Each process holds its own copy (a DataLoader worker, its own).
+    decoded (counting the pixels and maps; Python's objects add about a third); else nothing is kept. Each
+    process holds its own copy (a DataLoader worker, its own).
     Items are the same either way: epoch-dependent steps (crop, flip, caption) run on every call.
     """
 
