@@ -122,6 +122,7 @@ class TrainConfig:
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
     decoded_ce_weight: float = -1.0  # stage 2: weight of the cross-entropy on the ids decoded from x0_pred, beside the latent loss (ldmseg.py section 8; needs x0); -1 = the preset's (0: off)
     area_weight_power: float = -1.0  # stage 2: p, each latent cell's loss weighted by area^-p of its segments (ldmseg.py section 8); -1 = the preset's (shapes: 0.5, 0 if --prediction changes it; else 0: every cell alike)
+    attention_levels: str = ""       # stage 2 / multitask: which UNet levels (finest first) have self-attention, a 0 or 1 each, e.g. 1,1,1; "" = the preset's (shapes: 0,1,1)
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     task_signal_scales: str = ""     # multitask: own b of the semantic / depth latent, e.g. semantic=1,depth=0.5 (instance and tasks not named keep --signal-scale's); "" = the preset's (shapes: depth=1)
@@ -246,6 +247,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.area_weight_power != -1 and (cfg.stage != "2" or not cfg.area_weight_power >= 0):
         raise SystemExit(f"--area-weight-power takes a power >= 0 (0: every cell alike) and belongs to --stage 2 / all, "
                          f"got {cfg.area_weight_power}")
+    if cfg.attention_levels and (cfg.stage not in ("2", "multitask")
+                                 or any(x.strip() not in ("0", "1") for x in cfg.attention_levels.split(","))):
+        raise SystemExit(f"--attention-levels takes a 0 or 1 per UNet level, e.g. 1,1,1, and belongs to --stage 2 / all "
+                         f"/ multitask, got {cfg.attention_levels!r}")
     if cfg.depth_subcells and (cfg.stage != "multitask" or cfg.depth_subcells not in (1, 2)):
         raise SystemExit(f"--depth-subcells takes 1 or 2 and belongs to --stage multitask, got {cfg.depth_subcells}")
     if (cfg.task_signal_scales or cfg.task_loss_weights or cfg.task_sample_weights) and cfg.stage != "multitask":
@@ -1234,6 +1239,9 @@ class LDMSegStage(LatentStage):
             raise SystemExit("--decoded-ce-weight needs the x0 prediction (--prediction x0; ldmseg.py section 8)")
         if self.cfg.area_weight_power >= 0:
             self.mcfg.area_weight_power = self.cfg.area_weight_power
+        if self.cfg.attention_levels:
+            levels = attention_levels(self.cfg.attention_levels, self.mcfg.unet)
+            self.mcfg.unet = dataclasses.replace(self.mcfg.unet, attention_levels=levels)
         self.net = ldmseg.LDMSeg(self.mcfg)
         self.net.image_ae.load_state_dict(image_state)                   # frozen
         self.net.mask_ae.load_state_dict(mae["ema"] or mae["model"])     # the EMA weights, frozen
@@ -1256,6 +1264,8 @@ class LDMSegStage(LatentStage):
             "time_shift": ("--time-shift", c.time_shift if c.time_shift >= 0 else None),
             "decoded_ce_weight": ("--decoded-ce-weight", c.decoded_ce_weight if c.decoded_ce_weight >= 0 else None),
             "area_weight_power": ("--area-weight-power", c.area_weight_power if c.area_weight_power >= 0 else None)})
+        refuse_other_model(c.resume, self.mcfg.unet, {"attention_levels": (
+            "--attention-levels", attention_levels(c.attention_levels, self.mcfg.unet) if c.attention_levels else None)})
         self.net = ldmseg.LDMSeg(self.mcfg)
         return self.net
 
@@ -1295,6 +1305,16 @@ class LDMSegStage(LatentStage):
                                                  pictures=run_dir / f"val_{sampler}{steps}" if sampler == "ddim" else None)
             out.update({f"{k}_{sampler}{steps}": v for k, v in res.items()})
         return out
+
+
+def attention_levels(text: str, unet) -> tuple[bool, ...]:
+    """--attention-levels '1,1,1' -> (True, True, True): one 0 / 1 per level of `unet` (a UNetConfig), finest
+    first; a clear exit when the count differs."""
+    levels = tuple(x.strip() == "1" for x in text.split(","))
+    if len(levels) != len(unet.block_out_channels):
+        raise SystemExit(f"--attention-levels {text!r}: this UNet has {len(unet.block_out_channels)} levels, "
+                         f"give a 0 or 1 for each (finest first)")
+    return levels
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:

@@ -431,7 +431,7 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
     monkeypatch.setattr(ldmseg, "area_weighted_mask", lambda ids, h, w, p: powers.append(p) or area_weighted_mask(ids, h, w, p))
     metrics = train.main(["--stage", "2", "--prediction", "x0", "--signal-scale", "0.2", "--time-shift", "40",
                           "--id-order", "raster", "--decoded-ce-weight", "0.5", "--area-weight-power", "0.7",
-                          "--preset", "tiny", "--data", str(shapes),
+                          "--attention-levels", "1,0", "--preset", "tiny", "--data", str(shapes),
                           "--image-vae", str(root / "vae"), "--mask-ae", str(root / "s1"), "--out-dir", str(tmp_path),
                           "--num-workers", "0", "--preview-every", "0", "--device", "cpu", "--max-steps", "2",
                           "--eval-images", "1", "--log-every", "2"])
@@ -441,6 +441,9 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
     assert config.id_order == "raster" and orders == ["raster", "raster"]      # the two training steps' targets
     assert config.decoded_ce_weight == 0.5 and "dce " in (tmp_path / "log.txt").read_text()
     assert config.area_weight_power == 0.7 and powers == [0.7, 0.7]      # the two training steps' loss weights
+    assert config.unet.attention_levels == (True, False) != ldmseg.UNetConfig.preset("tiny").attention_levels
+    with pytest.raises(SystemExit, match="this UNet has 2 levels"):
+        train.attention_levels("1,1,1", ldmseg.UNetConfig.preset("tiny"))
     assert ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "ckpt.pt"), time_shift=0).config.time_shift == 0
     with pytest.raises(ValueError, match="time_shift"):
         ldmseg.LDMSegConfig(time_shift=1000)
@@ -449,9 +452,10 @@ def test_prediction_signal_scale_and_time_shift_flags_reach_the_model_its_checkp
                 ["--stage", "2", "--time-shift", "1000"], ["--stage", "1", "--time-shift", "5"],
                 ["--stage", "2", "--id-order", "area"], ["--stage", "1", "--id-order", "raster"],
                 ["--stage", "2", "--decoded-ce-weight", "-0.5"], ["--stage", "multitask", "--decoded-ce-weight", "1"],
-                ["--stage", "2", "--area-weight-power", "-0.5"], ["--stage", "1", "--area-weight-power", "1"]):
+                ["--stage", "2", "--area-weight-power", "-0.5"], ["--stage", "1", "--area-weight-power", "1"],
+                ["--stage", "2", "--attention-levels", "1,yes"], ["--stage", "vae", "--attention-levels", "1,1"]):
         with pytest.raises(SystemExit, match="--prediction|--signal-scale|--time-shift|--id-order|--decoded-ce-weight"
-                                             "|--area-weight-power"):
+                                             "|--area-weight-power|--attention-levels"):
             train.main(bad)
 
 
