@@ -991,8 +991,9 @@ class UNetConfig:
         "coco": {},
         # 16x16 latents of 128^2 Shapes images: 3 levels (16, 8, 4), attention at 8x8 and 4x4.
         # Sized for a CPU: 12 GFLOP per forward + backward at batch 16 (3.9 M parameters).
-        # Attention at 16x16 too (train.py --attention-levels 1,1,1) scored PQ 28.8 / 28.6 against 22.5 /
-        # 19.1 in two seeds, 25.0 in the same time, at 1.2x the step (docs/experiments.md): the next candidate.
+        # Attention at 16x16 too (train.py --attention-levels 1,1,1) scored PQ 28.8 / 28.6 / 30.3 against
+        # 22.5 / 19.1 / 22.9 in three seeds, 25.0 in the same time, at 1.2x the step (docs/experiments.md):
+        # the next candidate.
         "shapes": dict(block_out_channels=(32, 64, 128), layers_per_block=1,
                        attention_levels=(False, True, True), num_heads=4, norm_groups=16),
         "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
