@@ -122,7 +122,7 @@ class TrainConfig:
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
     decoded_ce_weight: float = -1.0  # stage 2: weight of the cross-entropy on the ids decoded from x0_pred, beside the latent loss (ldmseg.py section 8; needs x0); -1 = the preset's (0: off)
     area_weight_power: float = -1.0  # stage 2: p, each latent cell's loss weighted by area^-p of its segments (ldmseg.py section 8); -1 = the preset's (shapes: 0.5, 0 if --prediction changes it; else 0: every cell alike)
-    attention_levels: str = ""       # stage 2 / multitask: which UNet levels (finest first) have self-attention, a 0 or 1 each, e.g. 1,1,1; "" = the preset's (shapes: 0,1,1)
+    attention_levels: str = ""       # stage 2 / multitask: which UNet levels (finest first) have self-attention, a 0 or 1 each, e.g. 1,1,1; "" = the preset's (shapes: 1,1,1 for stage 2, 0,1,1 for multitask)
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
     task_signal_scales: str = ""     # multitask: own b of the semantic / depth latent, e.g. semantic=1,depth=0.5 (instance and tasks not named keep --signal-scale's); "" = the preset's (shapes: depth=1)
