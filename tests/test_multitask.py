@@ -467,6 +467,8 @@ def test_shapes_stage2_and_multitask_presets_and_coco_the_papers():
     assert multi.task_signal_scales == {"depth": 1.0} and stage2.task_signal_scales == {}
     assert multi.task_loss_weights == {"depth": 2.5} and stage2.task_loss_weights == {}
     assert multi.task_sample_weights == {"depth": 4.0} and stage2.task_sample_weights == {}
+    assert stage2.unet.attention_levels == (True, True, True) and multi.unet.attention_levels == (False, True, True)
     coco = ldmseg.multitask_config("coco")
+    assert coco.unet.attention_levels == ldmseg.UNetConfig().attention_levels          # SD-1.x's
     assert (coco.prediction, coco.signal_scale, coco.time_shift) == ("eps", 1.0, 0)
     assert coco.task_signal_scales == {} and coco.task_loss_weights == {} and coco.task_sample_weights == {}
