@@ -995,8 +995,8 @@ class UNetConfig:
         # segment must agree on its random id. Stage 2, 2,400 x 16 at lr 1e-3 (the preset of then), three
         # training seeds: PQ 28.8 / 28.6 / 30.3 on val (DDIM 50) and 27.5 / 25.0 / 30.2 on 100 *train* images
         # (DDIM 20) against 22.5 / 19.1 / 22.9 and 19.4 / 18.3 / 19.5 with attention at 8x8 and 4x4 only; a
-        # step costs 1.2x, and in the former time (1,950 steps) it scored 25.0 (docs/experiments.md). The multi-task model keeps 8x8
-        # and 4x4 (multitask_config), the levels its figures were measured with.
+        # step costs 1.2x, and in the former time (1,950 steps) it scored 25.0 (docs/experiments.md). The
+        # multi-task model keeps 8x8 and 4x4 (multitask_config), the levels its figures were measured with.
         "shapes": dict(block_out_channels=(32, 64, 128), layers_per_block=1,
                        attention_levels=(True, True, True), num_heads=4, norm_groups=16),
         "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
