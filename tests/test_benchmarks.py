@@ -2,7 +2,8 @@
 """Benchmarks: speed.py runs at the tiny preset and prints every section (no timing claims); the mask
 decoder's resolution ceiling is exact where it must be; the latent probe scores what it says; the depth
 ceiling replays Shapes' depth draws exactly and finds the analytic best depth; the precision check reads
-every logged loss, flags a mode outside either tolerance, and trains each mode from one seed."""
+every logged loss, flags a mode outside either tolerance, and trains each mode from one seed; the mask
+latent's geometry measures a known layout exactly and reads stage-1 and stage-2 runs alike."""
 import json
 import os
 import sys
@@ -12,8 +13,10 @@ import data  # noqa: E402
 import depth_ceiling  # noqa: E402  (benchmarks/ is not a package; its folder is put on the path just above)
 import latent_probe  # noqa: E402
 import mask_ae_ceiling  # noqa: E402
+import mask_latent_geometry  # noqa: E402
 import speed  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -127,3 +130,23 @@ def test_precision_cli_trains_each_mode_from_one_seed_and_writes_results(tiny_ru
     precision.main([*args[:-1], "0", "--steps", "2", "--modes", "fp32"])        # again into the same folder
     assert json.loads((tmp_path / "runs" / "results.json").read_text())["1"]["fp32"]["steps"] == 2
     assert abs(results["1"]["bf16"]["first"] - results["1"]["fp32"]["first"]) < 0.05 * results["1"]["fp32"]["first"]
+
+
+def test_latent_geometry_spread_of_square_corners():
+    corners = torch.tensor([[1.0, 1, 0, 0], [1, -1, 0, 0], [-1, 1, 0, 0], [-1, -1, 0, 0]])
+    out = mask_latent_geometry.spread(corners)
+    assert abs(out["nearest"] - 2.0) < 1e-6 and abs(out["mean"] - (4 * 2 + 2 * 8 ** 0.5) / 6) < 1e-6
+    assert all(abs(r - 2 ** 0.5) < 1e-6 for r in out["radius"])
+    assert np.allclose(out["shares"], [0.5, 0.5, 0.0, 0.0], atol=1e-6)
+    assert torch.allclose(out["plane"].norm(dim=1), torch.full((4,), 2 ** 0.5))
+
+
+def test_latent_geometry_cli_reads_stage_1_and_stage_2_runs_alike(tiny_runs, capsys):
+    root, shapes = tiny_runs
+    s1 = mask_latent_geometry.main(["--ckpt", str(root / "s1"), "--data", str(shapes)])
+    s2 = mask_latent_geometry.main(["--ckpt", str(root / "s2"), "--data", str(shapes)])
+    assert s1["codes"].shape == (16, 4) and torch.allclose(s1["codes"], s2["codes"])   # stage 2 froze stage 1's
+    assert abs(sum(s1["shares"]) - 1) < 1e-5 and s1["nearest"] <= s1["mean"]
+    assert "channel 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="stage-1 or stage-2"):
+        mask_latent_geometry.main(["--ckpt", str(root / "vae"), "--data", str(shapes)])
