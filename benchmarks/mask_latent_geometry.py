@@ -19,7 +19,8 @@ Run:  python benchmarks/mask_latent_geometry.py --ckpt runs/shapes/stage1       
 Measured on the quick start's mask autoencoder (README, Results): channel std 0.45 / 1.34 / 1.37 /
 0.40; the 15 ids lie on a circle (1.8-2.2 from their mean) in the plane of channels 1 and 2, one
 every 24 degrees on average (12-29): nearest codes 0.69 apart (mean 2.68), 97 % of their variance on
-two principal axes (53 / 44 / 3 / 0 %).
+two principal axes (53 / 44 / 3 / 0 %). One trained with noise on its latent, and what stage 2 gains
+from it: docs/experiments.md (LDMSeg).
 """
 import argparse
 import math
