@@ -258,6 +258,18 @@ def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
 # placeholders where the paper's model has no mid blocks), so the parameter names -- encoder.0.weight,
 # ..., decoder.10.bias -- are those of the released LDMSeg autoencoder checkpoint. The official code's
 # optional mid blocks (`num_mid_blocks`) take those placeholders' places, with the same names.
+#
+# DEVIATION (shapes preset): noise on the latent in training, `latent_noise` = c. The decoder is
+# trained on z = mean + c * std(mean) * eps, std over the batch's latents, detached: noise relative
+# to the codes' own scale, which the encoder cannot outgrow by scaling them up (as it does the
+# sampled posterior's absolute sigma while the KL weight is 0). Trained on the bare mean, the Shapes
+# autoencoder reconstructs well but packs its 15 ids on a circle in two of its four latent channels
+# (97 % of the codes' variance on two axes, nearest codes 0.69 std apart;
+# benchmarks/mask_latent_geometry.py). Stage 2 must tell the ids apart through diffusion noise, and
+# neighbours on that circle cost it little latent loss. A decoder that must read noisy codes wants
+# them apart: at c = 0.1 the ids spread over three axes, nearest 1.26 apart, reconstruction PQ does
+# not fall, and stage 2 gains ~9 PQ (README, Results; docs/experiments.md). At c = 0.3 reconstruction
+# PQ falls by ~10.
 
 
 @dataclass
@@ -280,6 +292,7 @@ class MaskAEConfig:
     mask_weight: float = 1.0                           # weight of the per-segment BCE + Dice  [PAPER]
     kl_weight: float = 0.0                             # weight of the KL term; weight decay bounds z instead  [PAPER: 0]
     sample_posterior: bool = True                      # train on z = mean + sigma * eps (True) or on the mean  [PAPER: True]
+    latent_noise: float = 0.0                          # train on z + this * std(mean) * eps: ids kept apart in the latent (0 = off)  [DEVIATION]
 
     _PRESETS: ClassVar[dict[str, dict]] = {
         "coco": {},
@@ -288,8 +301,10 @@ class MaskAEConfig:
         # the 32^2 cells of a crop's H/2 logits) and on the posterior mean. With a few thousand steps
         # instead of LDMSeg's 66k, sparse points starve the loss, and the sampled posterior starts at
         # sigma = 1 (KL weight 0 never shrinks it), drowning the latent until logvar is learned down.
+        # DEVIATION: noise at 0.1 of the latent's std in training instead (MaskAutoencoder.forward).
         "shapes": dict(num_bits=4, block_channels=(16, 32, 32, 32), mid_channels=32,
-                       upsample_channels=32, norm_groups=8, num_points=1024, sample_posterior=False),
+                       upsample_channels=32, norm_groups=8, num_points=1024, sample_posterior=False,
+                       latent_noise=0.1),
         # 32^2 test images: 12544 * (32 / 512)^2 = 49 points.
         "tiny": dict(num_bits=4, block_channels=(8, 8, 16, 16), mid_channels=16,
                      upsample_channels=16, norm_groups=4, num_points=49),
@@ -297,6 +312,8 @@ class MaskAEConfig:
 
     def __post_init__(self):
         _as_tuples(self)
+        if not self.latent_noise >= 0:
+            raise ValueError(f"latent_noise must be >= 0 (0: off), got {self.latent_noise}")
 
     @classmethod
     def preset(cls, name: str) -> "MaskAEConfig":
@@ -406,15 +423,17 @@ class MaskAutoencoder(nn.Module):
             size = (z.shape[-2] * self.downsample_factor, z.shape[-1] * self.downsample_factor)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # -> (B, 2^K, *size)
 
-    def forward(self, bits: Tensor, generator: torch.Generator | None = None,
-                sample_posterior: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, bits: Tensor, generator: torch.Generator | None = None, sample_posterior: bool = True,
+                latent_noise: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         """Training pass: bits (B, K, H, W) -> (logits (B, 2^K, H/2, W/2), mean, logvar (B, 4, h, w)).
 
         sample_posterior=True decodes z = mean + sigma * eps (eps from `generator`), as the official
-        training; False decodes the mean.
+        training; False decodes the mean. latent_noise = c > 0 adds c * std(mean) * eps' on top (below).
         """
         mean, logvar = self.encode(bits)                                  # 2 x (B, 4, h, w)
         z = sample_gaussian(mean, logvar, generator) if sample_posterior else mean
+        if latent_noise:
+            z = z + latent_noise * mean.detach().std() * _randn(mean.shape, generator, mean)
         return self.decode(z), mean, logvar
 
 

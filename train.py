@@ -116,6 +116,7 @@ class TrainConfig:
     image_vae: str = ""              # image autoencoder: a run / checkpoint of --stage vae, or Stable Diffusion weights (.ckpt, .safetensors, diffusers folder); default: train / reuse runs/<preset>/vae
     init_unet: str = ""              # start stage 2's UNet from Stable Diffusion 1.x weights (file or diffusers folder)  # PAPER: SD v1.4
     mask_ae: str = ""                # stage-1 mask autoencoder checkpoint; default: train / reuse runs/<preset>/stage1
+    latent_noise: float = -1.0       # stage 1: train the decoder on the latent plus this x its std x N(0, 1) noise (ldmseg.py section 2; 0 = off); -1 = the preset's (shapes: 0.1; else 0)
     prediction: str = ""             # stage 2 / multitask: the UNet's output, eps (min-SNR weighted, LDMSeg) | x0 (unweighted); "" = the preset's
     signal_scale: float = 0.0        # stage 2 / multitask: b, the diffusion sees b x the unit-variance mask latent; 0 = the preset's
     id_order: str = ""               # stage 2 / multitask: the training ids, random (fresh per sample, LDMSeg) | raster (first-pixel order, data.py section 2); "" = the preset's (random)
@@ -242,6 +243,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.id_order and (cfg.stage not in ("2", "multitask") or cfg.id_order not in data.ID_ORDERS):
         raise SystemExit(f"--id-order takes {' or '.join(data.ID_ORDERS)} and belongs to --stage 2 / all / multitask, "
                          f"got {cfg.id_order!r}")
+    if cfg.latent_noise != -1 and (cfg.stage != "1" or not cfg.latent_noise >= 0):
+        raise SystemExit(f"--latent-noise takes a scale >= 0 (0: off) and belongs to --stage 1, got {cfg.latent_noise}")
     if cfg.time_shift != -1 and (cfg.stage not in ("2", "multitask") or not 0 <= cfg.time_shift < 1000):
         raise SystemExit(f"--time-shift takes 0..999 and belongs to --stage 2 / all / multitask, got {cfg.time_shift}")
     if cfg.decoded_ce_weight != -1 and (cfg.stage != "2" or not cfg.decoded_ce_weight >= 0):
@@ -1050,8 +1053,17 @@ class MaskAEStage(Stage):
     needs_image = False                                     # ids in, ids out
 
     def build(self) -> nn.Module:
+        """The preset's autoencoder, or on --resume the run's own (a preset changed since must not
+        change a run midway; a --latent-noise that disagrees with it is refused)."""
         import ldmseg
-        self.mcfg = ldmseg.MaskAEConfig.preset(self.cfg.preset)
+        noise = self.cfg.latent_noise if self.cfg.latent_noise >= 0 else None
+        if self.cfg.resume:
+            self.mcfg = ldmseg.MaskAEConfig(**load_checkpoint(self.cfg.resume, self.cfg.stage)["model_config"])
+            refuse_other_model(self.cfg.resume, self.mcfg, {"latent_noise": ("--latent-noise", noise)})
+        else:
+            self.mcfg = ldmseg.MaskAEConfig.preset(self.cfg.preset)
+            if noise is not None:
+                self.mcfg.latent_noise = noise
         return ldmseg.MaskAutoencoder(self.mcfg)
 
     def max_segments(self) -> int:
@@ -1062,7 +1074,7 @@ class MaskAEStage(Stage):
         K = self.mcfg.num_bits
         ids = data.remap_ids(batch["segments"], K, generator)            # PAPER: fresh random ids per sample
         logits, mean, logvar = model(data.ids_to_bits(ids, K), generator=generator,
-                                     sample_posterior=self.mcfg.sample_posterior)
+                                     sample_posterior=self.mcfg.sample_posterior, latent_noise=self.mcfg.latent_noise)
         return ldmseg.mask_ae_loss(logits.float(), ids, mean.float(), logvar.float(), self.mcfg, generator)
 
     def reconstruct(self, model, segments: torch.Tensor) -> torch.Tensor:
