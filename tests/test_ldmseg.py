@@ -507,6 +507,29 @@ def test_stage2_resume_keeps_its_own_autoencoders_whatever_the_flags_name(tiny_r
         train.main(s2 + ["--mask-ae", str(root / "s1"), "--area-weight-power", "0.5", "--resume", str(tmp_path / "s2")])
 
 
+def test_latent_noise_flag_reaches_the_stage1_loss_and_its_checkpoint_and_a_resume_keeps_the_runs(
+        tiny_runs, tmp_path, monkeypatch):
+    """--latent-noise overrides the preset's for stage 1 and is saved with the model; a resumed run
+    keeps its own value (a preset changed since does not reach it) and refuses another."""
+    import train
+    _, shapes = tiny_runs
+    seen, forward = [], ldmseg.MaskAutoencoder.forward
+    monkeypatch.setattr(ldmseg.MaskAutoencoder, "forward",
+                        lambda self, *a, **k: seen.append(k["latent_noise"]) or forward(self, *a, **k))
+    run = ["--stage", "1", "--preset", "tiny", "--data", str(shapes), "--num-workers", "0", "--preview-every", "0",
+           "--device", "cpu", "--max-steps", "2", "--log-every", "1", "--out-dir", str(tmp_path / "s1")]
+    train.main(run + ["--latent-noise", "0.3", "--stop-after", "1"])
+    assert seen == [0.3] and train.load_checkpoint(tmp_path / "s1")["model_config"]["latent_noise"] == 0.3
+    train.main(run + ["--resume", str(tmp_path / "s1")])                  # the tiny preset's 0 does not reach it
+    assert seen == [0.3, 0.3] and train.load_checkpoint(tmp_path / "s1")["model_config"]["latent_noise"] == 0.3
+    with pytest.raises(SystemExit, match="another model.*--latent-noise 0.0 here, 0.3 there"):
+        train.main(run + ["--latent-noise", "0", "--resume", str(tmp_path / "s1")])
+    for bad in (["--stage", "1", "--latent-noise", "-0.5"], ["--stage", "2", "--latent-noise", "0.1"],
+                ["--stage", "all", "--latent-noise", "0.1"]):
+        with pytest.raises(SystemExit, match="--latent-noise takes a scale >= 0 .* belongs to --stage 1"):
+            train.main(bad)
+
+
 def test_an_unfinished_prerequisite_run_is_resumed_not_trained_again(tiny_runs, tmp_path, monkeypatch):
     """Stage 2 needs stage 1; a stage-1 run stopped early (Ctrl-C, --stop-after) is continued from
     its checkpoint, and ends as the uninterrupted run does."""

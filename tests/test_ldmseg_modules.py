@@ -85,6 +85,28 @@ def test_mask_autoencoder_logvar_is_clamped_to_minus30_plus20():
         assert logvar.min().item() == -30.0
 
 
+def test_latent_noise_is_off_by_default_and_relative_to_the_latents_std_in_training(monkeypatch):
+    """latent_noise = c decodes z = mean + c * std(mean) * eps, eps from the generator; 0 decodes the
+    mean and draws nothing. The shapes preset trains with c = 0.1, the paper's coco model without."""
+    assert MaskAEConfig.preset("shapes").latent_noise == 0.1 and MaskAEConfig.preset("coco").latent_noise == 0.0
+    with pytest.raises(ValueError, match="latent_noise"):
+        MaskAEConfig(latent_noise=-0.1)
+    model = MaskAutoencoder(MaskAEConfig.preset("tiny"))
+    decoded, decode = [], model.decode
+    monkeypatch.setattr(model, "decode", lambda z: decoded.append(z) or decode(z))
+    bits = ids_to_bits(block_ids(4, 64, 0, 16), 4)                     # (4, 4, 64, 64): 4 x 4 x 8 x 8 latents
+    g = torch.Generator().manual_seed(0)
+    _, mean, _ = model(bits, generator=g, sample_posterior=False)
+    assert torch.equal(decoded[-1], mean) and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    for seed in (0, 0, 1):
+        model(bits, generator=torch.Generator().manual_seed(seed), sample_posterior=False, latent_noise=0.5)
+    noise = (decoded[1] - mean) / (0.5 * mean.std())
+    assert torch.equal(decoded[1], decoded[2]) and not torch.equal(decoded[1], decoded[3])
+    assert abs(noise.std().item() - 1) < 0.1 and abs(noise.mean().item()) < 0.1   # N(0, 1) over 1,024 cells
+    expected = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(noise, expected, atol=1e-4)                 # the generator's draw, nothing else
+
+
 def test_decode_full_is_bilinear_upsampling_of_the_half_resolution_logits():
     model = MaskAutoencoder(MaskAEConfig.preset("tiny"))
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
