@@ -261,15 +261,15 @@ def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
 #
 # DEVIATION (shapes preset): noise on the latent in training, `latent_noise` = c. The decoder is
 # trained on z = mean + c * std(mean) * eps, std over the batch's latents, detached: noise relative
-# to the codes' own scale, which the encoder cannot outgrow by scaling them up (as it does the
-# sampled posterior's absolute sigma while the KL weight is 0). Trained on the bare mean, the Shapes
-# autoencoder reconstructs well but packs its 15 ids on a circle in two of its four latent channels
-# (97 % of the codes' variance on two axes, nearest codes 0.69 std apart;
+# to the codes' own scale, which the encoder cannot learn away by scaling them up, as it can the
+# sampled posterior's (its sigma is learned, and free while the KL weight is 0). Trained on the bare
+# mean, the Shapes autoencoder reconstructs well but packs its 15 ids on a circle in two of its four
+# latent channels (97 % of the codes' variance on two axes, nearest codes 0.69 std apart;
 # benchmarks/mask_latent_geometry.py). Stage 2 must tell the ids apart through diffusion noise, and
 # neighbours on that circle cost it little latent loss. A decoder that must read noisy codes wants
-# them apart: at c = 0.1 the ids spread over three axes, nearest 1.26 apart, reconstruction PQ does
-# not fall, and stage 2 gains ~9 PQ (README, Results; docs/experiments.md). At c = 0.3 reconstruction
-# PQ falls by ~10.
+# them apart: at c = 0.1 the ids spread over three axes (nearest 1.26-1.45 apart), reconstruction PQ
+# does not fall, and stage 2 gains 8-14 PQ over three seeds (README, Results; docs/experiments.md).
+# At c = 0.3 reconstruction PQ falls by ~10.
 
 
 @dataclass

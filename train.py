@@ -147,8 +147,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # DEVIATION: the Shapes autoencoders train on random 64^2 crops of the 128^2 images (both are
     # fully convolutional, so they run at 128^2 afterwards); 4x fewer FLOPs per step on a CPU.
     # Stage 1 gets the steps that fit its 5-minute budget on 2 cores: reconstruction PQ rises with
-    # the steps up to ~2,400 and then flattens (one run each, 200 val images: 77.6 at 1,200, 84.7 at
-    # 1,800, 88.6 at 2,400, 89.7 at 4,800). 2,400 steps took 3.3 min on the README's 2-core machine.
+    # the steps up to ~2,400 and then flattens (one run each, 200 val images, trained on the latent's
+    # mean: 77.6 at 1,200, 84.7 at 1,800, 88.6 at 2,400, 89.7 at 4,800). 2,400 steps took 3.3 min on the
+    # README's slower 2-core machine, 1.7 min on its AMD EPYC one. Its latent noise: ldmseg.py section 2.
     "shapes": {"vae": dict(image_size=128, crop=64, max_steps=600, batch_size=16, lr=1e-3),
                "1":   dict(image_size=128, crop=64, max_steps=2400, batch_size=16, lr=3e-3)},
     "coco":   {"vae": dict(image_size=512, max_steps=100_000, batch_size=8, lr=4.5e-6),
@@ -161,10 +162,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # one (ema_on=False [LDMSeg brief §3.3]). --ema-decay 0 trains without it.
 PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=3, eval_dpm_steps=2)
 # Stage 2 on shapes: the steps that keep `--stage all` within 20 minutes on the README's 2-core machine
-# (12.9-16.2 min over its runs); PQ still rises with length there (README, Results). lr 2e-3: up on 100
-# train images in three training seeds against 1e-3 (+5.4 / +2.3 / +1.9 PQ), while 4e-3 breaks training
-# down after the warm-up and 3e-3 gains nothing (docs/experiments.md). DEVIATION: the paper fine-tunes
-# SD's UNet at lr 1e-4, batch 256 (PAPER: LDMSeg Appendix A); this small UNet trains from scratch at 16.
+# (14.1 min; 12.9-16.2 before stage 1's latent noise); PQ still rises with length there (README,
+# Results). lr 2e-3: up on 100 train images in three training seeds against 1e-3 (+5.4 / +2.3 / +1.9
+# PQ), while 4e-3 breaks training down after the warm-up and 3e-3 gains nothing (docs/experiments.md).
+# DEVIATION: the paper fine-tunes SD's UNet at lr 1e-4, batch 256 (PAPER: LDMSeg Appendix A); this small
+# UNet trains from scratch at 16.
 PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=2400, batch_size=16, lr=2e-3, eval_steps=50, eval_dpm_steps=20)
 PRESETS["coco"]["2"] = dict(image_size=512, max_steps=200_000, batch_size=32, lr=1e-4,   # PAPER: x 8 GPUs = 256
                             eval_steps=50, eval_dpm_steps=20)

@@ -16,11 +16,14 @@ For a stage-1 or stage-2 checkpoint this prints:
             dimensions the ids use.
 
 Run:  python benchmarks/mask_latent_geometry.py --ckpt runs/shapes/stage1       (seconds on a CPU)
-Measured on the quick start's mask autoencoder (README, Results): channel std 0.45 / 1.34 / 1.37 /
-0.40; the 15 ids lie on a circle (1.8-2.2 from their mean) in the plane of channels 1 and 2, one
-every 24 degrees on average (12-29): nearest codes 0.69 apart (mean 2.68), 97 % of their variance on
-two principal axes (53 / 44 / 3 / 0 %). One trained with noise on its latent, and what stage 2 gains
-from it: docs/experiments.md (LDMSeg).
+Measured on the quick start's mask autoencoder (README, Results; trained with noise on its latent,
+ldmseg.py section 2): channel std 1.19 / 1.16 / 1.15 / 0.57; the 15 ids spread over three principal
+axes (39 / 33 / 28 / 0 % of their variance), 1.80-2.33 from their mean, nearest codes 1.45 apart
+(mean 2.93). Trained on the bare mean instead (`train.py --stage 1 --latent-noise 0`, the preset
+before): channel std 0.45 / 1.34 / 1.37 / 0.40; the ids on a circle (1.8-2.2 from their mean) in the
+plane of channels 1 and 2, one every 24 degrees on average (12-29): nearest codes 0.69 apart (mean
+2.68), 97 % of their variance on two axes (53 / 44 / 3 / 0 %). What stage 2 gains from the spread:
+docs/experiments.md (LDMSeg).
 """
 import argparse
 import math
