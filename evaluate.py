@@ -771,11 +771,10 @@ def _model_and_split(args: argparse.Namespace, kind: str, stage: str = "2"):
     """(EMA model on the device, the split at the model's size, the output folder) for --ckpt modes."""
     import ldmseg
     import train
-    from sample import clamp_choice, no_clamp_for_multitask
+    from sample import check_clamp_for_multitask, clamp_choice
     device = train.pick_device(args.device)
     ckpt = train.load_checkpoint(args.ckpt, stage)
-    if stage != "2":
-        no_clamp_for_multitask(args)
+    check_clamp_for_multitask(args, ckpt)
     with train.weights_must_fit(args.ckpt):                   # a damaged / foreign file: one clear error
         model = ldmseg.load_ldmseg(ckpt, time_shift=args.time_shift, depth_guide_sigma=args.depth_guide_sigma,
                                    clamp_x0=clamp_choice(args.clamp_x0))
@@ -1862,9 +1861,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); default: the "
                         "checkpoint's (shapes x0 runs: 300; 0 = none)")
     c.add_argument("--clamp-x0", choices=["on", "off"], default=None,
-                   help="panoptic (and the --seg-ckpt of cogen): replace each x0 estimate by the latent of the map it "
-                        "decodes to (ldmseg.py section 8); default: the checkpoint's (shapes runs: on). inpaint: "
-                        "off unless on")
+                   help="panoptic, a multi-task model's instance task (and the --seg-ckpt of cogen): replace each x0 "
+                        "estimate by the latent of the map it decodes to (ldmseg.py section 8); default: the "
+                        "checkpoint's (shapes runs: on). inpaint: off unless on")
     c.add_argument("--depth-guide-sigma", type=guide_sigma_arg, default=None,
                    help="multi-task depth: upsample the depth latent guided by the image with this colour sigma "
                         "(ldmseg.py section 10); default: the checkpoint's (0.1); 0 = nearest")

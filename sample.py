@@ -979,11 +979,13 @@ def clamp_choice(value: str | None) -> bool | None:
     return None if value is None else value == "on"
 
 
-def no_clamp_for_multitask(args) -> None:
-    """Refuse --clamp-x0 on with a multi-task checkpoint: only the panoptic latent has a map to clamp to."""
-    if getattr(args, "clamp_x0", None) == "on":
-        raise SystemExit(f"{args.ckpt}: --clamp-x0 on needs a stage-2 checkpoint; a multi-task model's semantic and "
-                         f"depth latents have no mask decoder to clamp through (ldmseg.py section 8)")
+def check_clamp_for_multitask(args, ckpt: dict) -> None:
+    """Refuse --clamp-x0 on for a multi-task checkpoint without the instance task: clamping acts on the
+    panoptic (instance) latent only; semantic and depth pass unclamped (ldmseg.py section 10)."""
+    tasks = (ckpt.get("model_config") or {}).get("tasks") or ()
+    if getattr(args, "clamp_x0", None) == "on" and tasks and "instance" not in tasks:
+        raise SystemExit(f"{args.ckpt}: --clamp-x0 on clamps the instance latent, and this model was trained on "
+                         f"{', '.join(tasks)} only (ldmseg.py sections 8 and 10)")
 
 
 def guide_sigma_arg(text: str) -> float:
@@ -1060,8 +1062,9 @@ def build_parser() -> "argparse.ArgumentParser":
                    help="panoptic / inpaint / multi-task: tell the denoiser t + N (ldmseg.py section 8); "
                         "default: the checkpoint's (shapes x0 runs: 300; 0 = none)")
     p.add_argument("--clamp-x0", choices=["on", "off"], default=None,
-                   help="panoptic: replace each x0 estimate by the latent of the map it decodes to (ldmseg.py "
-                        "section 8); default: the checkpoint's (shapes runs: on). inpaint: off unless on")
+                   help="panoptic (a multi-task model's instance task): replace each x0 estimate by the latent of "
+                        "the map it decodes to (ldmseg.py section 8); default: the checkpoint's (shapes runs: on). "
+                        "inpaint: off unless on")
     p.add_argument("--depth-guide-sigma", type=guide_sigma_arg, default=None,
                    help="depth: upsample the depth latent guided by the image with this colour sigma (ldmseg.py "
                         "section 10); default: the checkpoint's (0.1); 0 = nearest")
@@ -1345,10 +1348,11 @@ def multitask_images(args, device) -> Path:
     if args.task == "inpaint":
         raise SystemExit(f"{args.ckpt}: mask inpainting needs a stage-2 checkpoint (train.py --stage 2)")
     ckpt = train.load_checkpoint(args.ckpt, "multitask")
-    no_clamp_for_multitask(args)
+    check_clamp_for_multitask(args, ckpt)
     with train.weights_must_fit(args.ckpt):
         model = ldmseg.load_ldmseg(ckpt, use_ema=not args.raw_weights, time_shift=args.time_shift,
-                                   depth_guide_sigma=args.depth_guide_sigma).to(device)
+                                   depth_guide_sigma=args.depth_guide_sigma,
+                                   clamp_x0=clamp_choice(args.clamp_x0)).to(device)
     categories = ckpt["categories"]
     names = {c["id"]: c["name"] for c in categories}
     tasks = ("instance", "semantic") if args.task == "panoptic" else (args.task,)

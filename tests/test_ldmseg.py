@@ -266,12 +266,12 @@ def test_inpainting_clamps_only_when_asked_and_segmentation_as_configured(monkey
     assert len(calls) == 5
 
 
-def test_clamping_belongs_to_single_task_models_and_the_shapes_preset():
+def test_clamping_needs_a_panoptic_latent_and_is_the_shapes_presets():
     import dataclasses
     assert ldmseg.LDMSegConfig.preset("shapes").clamp_x0 and not ldmseg.LDMSegConfig.preset("coco").clamp_x0
-    assert not ldmseg.multitask_config("shapes").clamp_x0
+    assert dataclasses.replace(ldmseg.multitask_config("tiny"), clamp_x0=True).clamp_x0      # its instance task
     with pytest.raises(ValueError, match="clamp_x0"):
-        dataclasses.replace(ldmseg.multitask_config("tiny"), clamp_x0=True)
+        dataclasses.replace(ldmseg.multitask_config("tiny"), tasks=("semantic", "depth"), clamp_x0=True)
 
 
 def test_x0_prediction_loss_is_the_unweighted_masked_x0_error(tiny_model):

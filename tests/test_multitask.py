@@ -342,6 +342,28 @@ def test_semantic_miou_on_known_confusion():
     assert evaluate.miou_from_confusion(conf, [1, 2, 5]) == pytest.approx((iou1 + iou2) / 2)   # 5 never occurs
 
 
+def test_clamping_a_multitask_batch_touches_only_the_instance_rows(tiny_multitask):
+    m = tiny_multitask
+    x0 = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    task = torch.tensor([1, 0, 2, 0])                                   # semantic, instance, depth, instance
+    out = ldmseg.clamp_rows(m, x0, task)
+    assert torch.equal(out[[0, 2]], x0[[0, 2]])                         # semantic and depth pass unchanged
+    assert torch.equal(out[[1, 3]], ldmseg.clamp_to_map(m, x0[[1, 3]]))
+    assert not torch.equal(out[[1, 3]], x0[[1, 3]])
+    assert torch.equal(ldmseg.clamp_rows(m, x0[[0, 2]], task[[0, 2]]), x0[[0, 2]])   # no instance row: nothing to do
+    assert torch.equal(ldmseg.clamp_rows(m, x0, None), ldmseg.clamp_to_map(m, x0))   # single task: every row
+
+
+def test_a_model_without_the_instance_task_refuses_clamp_on_by_name():
+    import argparse
+    args = argparse.Namespace(ckpt="runs/x", clamp_x0="on")
+    with pytest.raises(SystemExit, match="clamps the instance latent.*semantic, depth"):
+        sample.check_clamp_for_multitask(args, {"model_config": {"tasks": ["semantic", "depth"]}})
+    sample.check_clamp_for_multitask(args, {"model_config": {"tasks": ["instance", "depth"]}})      # allowed
+    sample.check_clamp_for_multitask(argparse.Namespace(ckpt="runs/x", clamp_x0="off"),
+                                     {"model_config": {"tasks": ["depth"]}})                         # off: always
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -397,22 +419,19 @@ def test_evaluate_cli_on_a_multitask_checkpoint_prints_every_metric(multitask_ru
     assert again["All"]["pq"] == pytest.approx(res["pq"])
 
 
-def test_depth_guide_sigma_flag_reaches_the_model(multitask_run, tmp_path, monkeypatch):
+def test_depth_guide_sigma_and_clamp_flags_reach_the_model(multitask_run, tmp_path, monkeypatch):
     _, shapes, out = multitask_run
-    sigmas, load = [], ldmseg.load_ldmseg
-    monkeypatch.setattr(ldmseg, "load_ldmseg", lambda *a, **kw: sigmas.append(kw["depth_guide_sigma"]) or load(*a, **kw))
+    seen, load = [], ldmseg.load_ldmseg
+    monkeypatch.setattr(ldmseg, "load_ldmseg", lambda *a, **kw: seen.append(
+        (kw["depth_guide_sigma"], kw["clamp_x0"])) or load(*a, **kw))
     img = sorted((shapes / "val").iterdir())[0]
     assert sample.main(["--task", "depth", "--ckpt", str(out), "--image", str(img), "--steps", "2",
                         "--out-dir", str(tmp_path / "s"), "--device", "cpu", "--depth-guide-sigma", "0"]) == 0
     assert evaluate.main(["--ckpt", str(out), "--steps", "2", "--limit", "2", "--out-dir", str(tmp_path / "e"),
-                          "--device", "cpu", "--depth-guide-sigma", "0.2"]) == 0
-    assert sigmas == [0.0, 0.2]
-    with pytest.raises(SystemExit, match="clamp-x0 on needs a stage-2"):
-        sample.main(["--task", "depth", "--ckpt", str(out), "--image", str(img), "--steps", "2",
-                     "--out-dir", str(tmp_path / "s"), "--device", "cpu", "--clamp-x0", "on"])
-    with pytest.raises(SystemExit, match="clamp-x0 on needs a stage-2"):
-        evaluate.main(["--ckpt", str(out), "--steps", "2", "--limit", "2", "--out-dir", str(tmp_path / "e"),
-                       "--device", "cpu", "--clamp-x0", "on"])
+                          "--device", "cpu", "--depth-guide-sigma", "0.2", "--clamp-x0", "on"]) == 0
+    assert sample.main(["--task", "panoptic", "--ckpt", str(out), "--image", str(img), "--steps", "2",
+                        "--out-dir", str(tmp_path / "p"), "--device", "cpu", "--clamp-x0", "off"]) == 0
+    assert seen == [(0.0, None), (0.2, True), (None, False)]
     for parser in (sample.build_parser(), evaluate.build_parser()):
         with pytest.raises(SystemExit):
             parser.parse_args(["--ckpt", "x", "--depth-guide-sigma", "-1"])
