@@ -162,7 +162,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # one (ema_on=False [LDMSeg brief §3.3]). --ema-decay 0 trains without it.
 PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=3, eval_dpm_steps=2)
 # Stage 2 on shapes: the steps that keep `--stage all` within 20 minutes on the README's 2-core AMD
-# machine (13.3-14.9 min; 12.9-16.2 before stage 1's latent noise; 22.8 on its Intel Xeon one); PQ still
+# machine (13.3-14.9 min; 12.9-16.2 before stage 1's latent noise; 18.8-22.8 on its Intel Xeon one); PQ
 # rises with length there (README, Results). lr 2e-3: up on 100 train images in three training seeds
 # against 1e-3 (+5.4 / +2.3 / +1.9 PQ), while 4e-3 breaks training down after the warm-up and 3e-3 gains
 # nothing (docs/experiments.md).
