@@ -123,6 +123,7 @@ class TrainConfig:
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
     decoded_ce_weight: float = -1.0  # stage 2: weight of the cross-entropy on the ids decoded from x0_pred, beside the latent loss (ldmseg.py section 8; needs x0); -1 = the preset's (0: off)
     area_weight_power: float = -1.0  # stage 2: p, each latent cell's loss weighted by area^-p of its segments (ldmseg.py section 8); -1 = the preset's (shapes: 0.5, 0 if --prediction changes it; else 0: every cell alike)
+    match_ids: str = ""              # stage 2: on | off, the loss target's random ids renamed to those the UNet's x0 estimate draws (ldmseg.py section 8; needs x0, random ids); "" = the preset's (off)
     attention_levels: str = ""       # stage 2 / multitask: which UNet levels (finest first) have self-attention, a 0 or 1 each, e.g. 1,1,1; "" = the preset's (shapes: 1,1,1 for stage 2, 0,1,1 for multitask)
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
@@ -256,6 +257,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.area_weight_power != -1 and (cfg.stage != "2" or not cfg.area_weight_power >= 0):
         raise SystemExit(f"--area-weight-power takes a power >= 0 (0: every cell alike) and belongs to --stage 2 / all, "
                          f"got {cfg.area_weight_power}")
+    if cfg.match_ids and (cfg.stage != "2" or cfg.match_ids not in ("on", "off")):
+        raise SystemExit(f"--match-ids takes on or off and belongs to --stage 2 / all, got {cfg.match_ids!r}")
     if cfg.attention_levels and (cfg.stage not in ("2", "multitask")
                                  or any(x.strip() not in ("0", "1") for x in cfg.attention_levels.split(","))):
         raise SystemExit(f"--attention-levels takes a 0 or 1 per UNet level, e.g. 1,1,1, and belongs to --stage 2 / all "
@@ -1257,6 +1260,13 @@ class LDMSegStage(LatentStage):
             raise SystemExit("--decoded-ce-weight needs the x0 prediction (--prediction x0; ldmseg.py section 8)")
         if self.cfg.area_weight_power >= 0:
             self.mcfg.area_weight_power = self.cfg.area_weight_power
+        if self.mcfg.prediction != "x0" or self.mcfg.id_order != "random":
+            self.mcfg.match_ids = False           # renaming needs an x0 estimate and random ids (ldmseg.py section 8)
+        if self.cfg.match_ids:
+            self.mcfg.match_ids = self.cfg.match_ids == "on"
+        if self.mcfg.match_ids and (self.mcfg.prediction != "x0" or self.mcfg.id_order != "random"):
+            raise SystemExit("--match-ids on needs the x0 prediction and random ids (--prediction x0, --id-order "
+                             "random; ldmseg.py section 8)")
         if self.cfg.attention_levels:
             levels = attention_levels(self.cfg.attention_levels, self.mcfg.unet)
             self.mcfg.unet = dataclasses.replace(self.mcfg.unet, attention_levels=levels)
@@ -1281,7 +1291,8 @@ class LDMSegStage(LatentStage):
             "id_order": ("--id-order", c.id_order or None),
             "time_shift": ("--time-shift", c.time_shift if c.time_shift >= 0 else None),
             "decoded_ce_weight": ("--decoded-ce-weight", c.decoded_ce_weight if c.decoded_ce_weight >= 0 else None),
-            "area_weight_power": ("--area-weight-power", c.area_weight_power if c.area_weight_power >= 0 else None)})
+            "area_weight_power": ("--area-weight-power", c.area_weight_power if c.area_weight_power >= 0 else None),
+            "match_ids": ("--match-ids", c.match_ids == "on" if c.match_ids else None)})
         refuse_other_model(c.resume, self.mcfg.unet, {"attention_levels": (
             "--attention-levels", attention_levels(c.attention_levels, self.mcfg.unet) if c.attention_levels else None)})
         self.net = ldmseg.LDMSeg(self.mcfg)

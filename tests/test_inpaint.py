@@ -79,6 +79,28 @@ def test_given_ids_survive_inpainting_with_an_ideal_autoencoder(monkeypatch):
     assert torch.equal(out[pixel], gt[pixel]) and (own[~pixel] == 0).all()    # nothing invented
 
 
+def test_a_matched_model_s_given_segments_take_the_names_its_own_segmentation_draws(monkeypatch):
+    """A match_ids model draws its own names (ldmseg.py section 8): here it always draws the left half as 9 and
+    the right as 3. Given segments there must take those codes, or the names fight and the given ids are lost."""
+    import dataclasses
+    config = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0", match_ids=True)
+    model = ldmseg.LDMSeg(config).eval()
+    codec = IdealCodec()
+    monkeypatch.setattr(model, "encode_ids", codec.encode_ids)
+    monkeypatch.setattr(model, "decode_latent", codec.decode_latent)
+    drawn = torch.zeros(1, 32, 32, dtype=torch.long)
+    drawn[:, :, :16], drawn[:, :, 16:] = 9, 3
+    monkeypatch.setattr(model, "forward", lambda z_t, t, z_image, x0_self=None: codec.encode_ids(drawn).expand_as(z_t))
+    gt = torch.zeros(32, 32, dtype=torch.long)
+    gt[:, :16], gt[:, 16:] = 1000, 77
+    cells = torch.zeros(4, 4)
+    cells[0, 0] = cells[3, 3] = 1                                           # one known cell in each half
+    pixel = cells.repeat_interleave(8, 0).repeat_interleave(8, 1).bool()
+    out, own = ldmseg.inpaint(model, torch.zeros(1, 3, 32, 32), torch.where(pixel, gt, 0), cells, steps=3,
+                              fit_steps=0, guide_steps=0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(own, gt)                                             # its names are the given segments' codes
+
+
 def test_fitting_the_latent_makes_the_given_pixels_decode_to_their_codes_and_leaves_far_cells(monkeypatch):
     model = ldmseg.LDMSeg(ldmseg.LDMSegConfig.preset("tiny")).eval()
     assert model.config.mask_ae.num_bits == 4                               # the codec's 16 ids

@@ -340,6 +340,66 @@ def test_decoded_cross_entropy_trains_the_unet_through_the_frozen_mask_decoder()
         dataclasses.replace(ldmseg.multitask_config("tiny"), prediction="x0", decoded_ce_weight=0.1)
 
 
+def _log_probs_for(ids: torch.Tensor, num_classes: int = 16) -> torch.Tensor:
+    """(B, H, W) ids -> (B, C, H/2, W/2) log-probabilities that draw them, as the mask decoder's at H/2."""
+    return torch.cat([_logits_for(i[::2, ::2], num_classes) for i in ids]).log_softmax(1)
+
+
+def test_match_ids_renames_each_segment_to_the_id_the_estimate_draws_it_with():
+    ids = torch.zeros(2, 32, 32, dtype=torch.long)
+    ids[:, :, 8:] = 1                                                     # a large segment; void on the left
+    ids[:, 20:, 20:] = 2                                                  # a 144-px one
+    ids[:, 4:8, 24:28] = 3                                                # a 16-px one
+    ids[:, 1, 30] = 5                                                     # 1 px, off the estimate's 16 x 16 grid
+    drawn = ids.clone()
+    drawn[0] = torch.tensor([0, 7, 4, 9, 0, 12])[ids[0]]                  # image 0's estimate: other names
+    out = ldmseg.match_ids(_log_probs_for(drawn), ids)
+    assert torch.equal(out[0][ids[0] != 5], drawn[0][ids[0] != 5])
+    assert out[0, 1, 30] == 5                                             # unseen: keeps its id, still free
+    assert torch.equal(out[1], ids[1])                                    # image 1 drawn as it is: unchanged
+    assert torch.equal(out == 0, ids == 0)                                # void stays void
+
+
+def test_match_ids_lets_larger_segments_choose_first():
+    """An estimate that misses a small segment draws it with its large neighbour's id: the large segment keeps
+    that id, and the small one takes another (a greedy over the cheapest pairs would give it away)."""
+    ids = torch.ones(1, 32, 32, dtype=torch.long)
+    ids[:, 10:14, 10:14] = 2                                              # inside segment 1
+    ids[:, 24:, :] = 3
+    drawn = torch.where(ids == 3, 8, 6)                                   # the small one drawn as its neighbour: 6
+    drawn[:, 0, :4] = 8                                                   # two cells of the large one drawn wrong:
+    # its cost for 6 is above the small one's 0, which a greedy over the cheapest pairs would take first
+    out = ldmseg.match_ids(_log_probs_for(drawn), ids)
+    assert (out[ids == 1] == 6).all() and (out[ids == 3] == 8).all()
+    small = out[ids == 2].unique()
+    assert len(small) == 1 and small.item() not in (0, 6, 8)              # injective, and never void
+
+
+def test_matched_ids_give_the_x0_target_and_the_noise_keeps_the_drawn_ids(tiny_model, monkeypatch):
+    """With match_ids the x0 target is the latent of the ids renamed against the (detached) estimate."""
+    import dataclasses
+    config = dataclasses.replace(tiny_model.config, prediction="x0", self_condition=False, match_ids=True)
+    ids = torch.randint(1, 6, (2, 32, 32))
+    z0, z_img, valid = tiny_model.encode_ids(ids), torch.randn(2, 4, 4, 4), torch.ones(2, 1, 4, 4)
+    guess = torch.randn(2, 4, 4, 4)
+    seen = []
+    renamed = torch.stack([(ids[0] % 5) + 1, ids[1]])                   # image 0 renamed, image 1 as drawn
+    monkeypatch.setattr(ldmseg, "match_ids", lambda logp, i: seen.append(i) or renamed)
+    out = ldmseg.ldmseg_loss(lambda z_t, t, zi, x0s: guess, config, tiny_model.schedule, z0, z_img, valid,
+                             torch.Generator().manual_seed(0), ids=ids, net=tiny_model)
+    assert len(seen) == 1 and seen[0] is ids
+    target = torch.stack([tiny_model.encode_ids(renamed[:1])[0], z0[1]])
+    torch.testing.assert_close(out["loss"], ((guess - target).pow(2) * valid).mean())
+    with pytest.raises(ValueError, match="ids and net"):
+        ldmseg.ldmseg_loss(lambda z_t, t, zi, x0s: guess, config, tiny_model.schedule, z0, z_img, valid)
+    assert not any(ldmseg.LDMSegConfig.preset(name).match_ids for name in ("tiny", "coco"))
+    for bad in (dict(prediction="eps"), dict(id_order="raster")):
+        with pytest.raises(ValueError, match="match_ids"):
+            dataclasses.replace(config, **bad)
+    with pytest.raises(ValueError, match="match_ids"):
+        dataclasses.replace(ldmseg.multitask_config("tiny"), prediction="x0", match_ids=True)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -467,7 +527,7 @@ def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, 
     import train
     root, shapes = tiny_runs
     preset = dataclasses.replace(ldmseg.LDMSegConfig.preset("tiny"), prediction="x0", time_shift=300, clamp_x0=True,
-                                 decoded_ce_weight=0.1, area_weight_power=0.5)
+                                 decoded_ce_weight=0.1, area_weight_power=0.5, match_ids=True)
     monkeypatch.setattr(train.LDMSegStage, "base_config", lambda self: preset)
     common = ["--stage", "2", "--preset", "tiny", "--data", str(shapes), "--image-vae", str(root / "vae"),
               "--mask-ae", str(root / "s1"), "--num-workers", "0", "--preview-every", "0", "--device", "cpu",
@@ -479,8 +539,28 @@ def test_a_preset_time_shift_is_dropped_when_the_output_type_changes(tiny_runs, 
         assert config.time_shift == expected and config.clamp_x0 == (expected == 300)   # clamping goes with x0
         assert config.decoded_ce_weight == (0.1 if expected == 300 else 0.0)             # so does the decoded loss
         assert config.area_weight_power == (0.5 if expected == 300 else 0.0)             # and the loss weights
+        assert config.match_ids == (expected == 300)                                     # and the renamed ids
     with pytest.raises(SystemExit, match="--decoded-ce-weight needs the x0"):
         train.main(common + ["--prediction", "eps", "--decoded-ce-weight", "0.1", "--out-dir", str(tmp_path / "e")])
+    train.main(common + ["--id-order", "raster", "--out-dir", str(tmp_path / "r")])    # raster ids: nothing to rename
+    assert not ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "r" / "ckpt.pt")).config.match_ids
+    with pytest.raises(SystemExit, match="--match-ids on needs the x0 prediction and random ids"):
+        train.main(common + ["--id-order", "raster", "--match-ids", "on", "--out-dir", str(tmp_path / "m")])
+
+
+def test_match_ids_flag_renames_the_targets_of_every_training_step(tiny_runs, tmp_path, monkeypatch):
+    import train
+    root, shapes = tiny_runs
+    calls, matched_ids = [], ldmseg.matched_ids
+    monkeypatch.setattr(ldmseg, "matched_ids", lambda net, x0, ids: calls.append(ids.shape) or matched_ids(net, x0, ids))
+    common = ["--stage", "2", "--preset", "tiny", "--data", str(shapes), "--image-vae", str(root / "vae"),
+              "--mask-ae", str(root / "s1"), "--num-workers", "0", "--preview-every", "0", "--device", "cpu",
+              "--max-steps", "2", "--eval-images", "1", "--log-every", "1", "--prediction", "x0"]
+    train.main(common + ["--match-ids", "on", "--out-dir", str(tmp_path / "on")])
+    assert ldmseg.load_ldmseg(train.load_checkpoint(tmp_path / "on" / "ckpt.pt")).config.match_ids
+    assert len(calls) == 2 and calls[0][1:] == (32, 32)                   # (batch, 32, 32) ids, one call a step
+    with pytest.raises(SystemExit, match="trained with another model"):
+        train.main(common + ["--match-ids", "off", "--resume", str(tmp_path / "on"), "--out-dir", str(tmp_path / "on")])
 
 
 def test_stage2_resume_keeps_its_own_autoencoders_whatever_the_flags_name(tiny_runs, tmp_path):
