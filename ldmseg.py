@@ -1323,20 +1323,20 @@ class UNet(nn.Module):
 # them with: the frozen mask decoder reads the (detached) x0 estimate, and each segment takes the id of
 # least cross-entropy over its cells, injectively per image, void kept:
 #   ids' = match_ids(log_softmax(decode(x0_pred / (b s_t))), ids),   L = mean( w * valid * (x0_pred - E(ids'))^2 )
-# The noise is left as it was drawn. Where z_t still shows the ids (small t), the estimate draws them
-# and nothing is renamed; where it does not, any injective naming of the right segments is a right
-# answer, so the model learns to draw every segment distinct from its neighbours instead of the blur.
-# This is permutation-invariant training (Yu et al. 2017, speech separation) and the set matching of DETR
-# (Carion et al. 2020) applied to the diffusion target. The assignment is greedy, largest segment first
-# (a greedy over the cheapest pairs lets a 3-px segment inside a large one take the large one's id at no
-# cost); the optimum over all injections (the Hungarian algorithm) was not tried. A step costs one mask
-# decode and one encode more, without gradients (7-17 % of the `shapes` step on 2 CPU cores). Sampling
-# is unchanged. Measured on the quick start's autoencoders (2,400 steps; PQ DDIM 50 on the 200 val images):
-# 53.0 and 52.6 in training seeds 0 and 1 against the preset's 43.8, SQ and RQ both up. The model now
-# draws its own names instead of reading them from z_t, so mask inpainting gives its given segments the
-# names the model draws them with (section 11; with random codes it fell from 75.5 to 32.6 with half the
-# map given). Off in every preset: measured in two seeds on one machine, and the README's figures of the
-# quick start's model would all change (docs/experiments.md).
+# The noise is left as it was drawn. Where z_t still shows the ids (small t), the estimate draws them and
+# nothing is renamed; where it does not, any injective naming of the right segments is a right answer, so
+# the model learns to draw every segment distinct from its neighbours instead of the blur. This is
+# permutation-invariant training (Yu et al. 2017, speech separation) and the set matching of DETR (Carion
+# et al. 2020) applied to the diffusion target. The assignment is greedy, largest segment first (a greedy
+# over the cheapest pairs lets a 3-px segment inside a large one take the large one's id at no cost); the
+# optimum over all injections (the Hungarian algorithm) was not tried. A step costs one mask decode and
+# one encode more, without gradients (7-30 % of the `shapes` step on 2 CPU cores). Sampling is unchanged.
+# Measured on the quick start's autoencoders (2,400 steps; PQ DDIM 50 on the 200 val images): 55.3, and
+# 53.0 / 52.6 in seeds 0 / 1 of a scratch copy, against the preset's 43.8; SQ and RQ both up. The model
+# now draws its own names instead of reading them from z_t, so mask inpainting gives its given segments
+# the names the model draws them with (section 11; with random codes it fell from 75.5 to 32.6 with half
+# the map given). Off in every preset: measured in two seeds on one machine, and the README's figures of
+# the quick start's model would all change (docs/experiments.md).
 
 
 @dataclass
