@@ -123,7 +123,7 @@ class TrainConfig:
     time_shift: int = -1             # stage 2 / multitask: sampling time shift the checkpoint carries (ldmseg.py section 8); -1 = the preset's (shapes: 300 for its x0 recipe, 0 if --prediction changes it)
     decoded_ce_weight: float = -1.0  # stage 2: weight of the cross-entropy on the ids decoded from x0_pred, beside the latent loss (ldmseg.py section 8; needs x0); -1 = the preset's (0: off)
     area_weight_power: float = -1.0  # stage 2: p, each latent cell's loss weighted by area^-p of its segments (ldmseg.py section 8); -1 = the preset's (shapes: 0.5, 0 if --prediction changes it; else 0: every cell alike)
-    match_ids: str = ""              # stage 2: on | off, the loss target's random ids renamed to those the UNet's x0 estimate draws (ldmseg.py section 8; needs x0, random ids); "" = the preset's (off)
+    match_ids: str = ""              # stage 2: on | off, the loss target's random ids renamed to those the UNet's x0 estimate draws (ldmseg.py section 8; needs x0, random ids); "" = the preset's (shapes: on)
     attention_levels: str = ""       # stage 2 / multitask: which UNet levels (finest first) have self-attention, a 0 or 1 each, e.g. 1,1,1; "" = the preset's (shapes: 1,1,1 for stage 2, 0,1,1 for multitask)
     tasks: str = ""                  # multitask: the tasks, comma-separated from instance,semantic,depth (one task: the single-task model of the README's table, in the same code); "" = all three
     depth_subcells: int = 0          # multitask: s x s depth medians per latent cell, 1 (averages 4 copies) or 2 (finer); 0 = the model's (1)
@@ -162,14 +162,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # says otherwise) is what previews, evaluation, sampling and later stages read; LDMSeg trains without
 # one (ema_on=False [LDMSeg brief §3.3]). --ema-decay 0 trains without it.
 PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, eval_steps=3, eval_dpm_steps=2)
-# Stage 2 on shapes: the steps that keep `--stage all` within 20 minutes on the README's 2-core AMD
-# machine (13.3-14.9 min; 12.9-16.2 before stage 1's latent noise; 18.8-22.8 on its Intel Xeon one); PQ
-# rises with length there (README, Results). lr 2e-3: up on 100 train images in three training seeds
+# Stage 2 on shapes: the steps that keep `--stage all` within about 20 minutes on the README's 2-core
+# machines; PQ rises with length there (README, Results). 2,400 until the preset matched its ids
+# (ldmseg.py section 8), which costs 7-30 % more per step: 1,900 matched steps take the time 2,400 took
+# (PQ 54.2 against 55.3 at 2,400 on the Intel Xeon machine; 43.8 unmatched at 2,400). lr 2e-3: up on 100 train images in three training seeds
 # against 1e-3 (+5.4 / +2.3 / +1.9 PQ), while 4e-3 breaks training down after the warm-up and 3e-3 gains
 # nothing (docs/experiments.md).
 # DEVIATION: the paper fine-tunes SD's UNet at lr 1e-4, batch 256 (PAPER: LDMSeg Appendix A); this small
 # UNet trains from scratch at 16.
-PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=2400, batch_size=16, lr=2e-3, eval_steps=50, eval_dpm_steps=20)
+PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=1900, batch_size=16, lr=2e-3, eval_steps=50, eval_dpm_steps=20)
 PRESETS["coco"]["2"] = dict(image_size=512, max_steps=200_000, batch_size=32, lr=1e-4,   # PAPER: x 8 GPUs = 256
                             eval_steps=50, eval_dpm_steps=20)
 # Multi-task LDMSeg (LDMSeg §6): stage 2's recipe. Each sample trains one of three tasks; shapes runs

@@ -393,6 +393,8 @@ def test_matched_ids_give_the_x0_target_and_the_noise_keeps_the_drawn_ids(tiny_m
     with pytest.raises(ValueError, match="ids and net"):
         ldmseg.ldmseg_loss(lambda z_t, t, zi, x0s: guess, config, tiny_model.schedule, z0, z_img, valid)
     assert not any(ldmseg.LDMSegConfig.preset(name).match_ids for name in ("tiny", "coco"))
+    assert ldmseg.LDMSegConfig.preset("shapes").match_ids                   # the Shapes recipe matches its ids ...
+    assert not any(ldmseg.multitask_config(name).match_ids for name in ("tiny", "shapes", "coco"))  # ... not its tasks
     for bad in (dict(prediction="eps"), dict(id_order="raster")):
         with pytest.raises(ValueError, match="match_ids"):
             dataclasses.replace(config, **bad)
