@@ -47,11 +47,13 @@ threads wait on each other and everything was 5-30x slower):
   DPM-Solver++ 20 2.93 s (5.5 img/s); PQ 294 pairs/s (128^2, 2 workers).
 Measured on one H200 (`--preset coco --device cuda`, bf16 autocast, PyTorch 2.11.0): UNet 105.1 img/s at
   batch 32 x 512^2, MFU 31.6 %, 44.5 GiB (--compile: 140.6, 42.3 %, 39.1 GiB); U-ViT 1,081 img/s at
-  64 x 256^2, 26.7 % (--compile: 1,609, 39.8 %); DDIM 50 for 32 images at 512^2 5.50 s, DPM-Solver++ 20 2.37 s.
+  64 x 256^2, 26.7 % (--compile: 1,609, 39.8 %; a second run 1,584, 39.2 %; at batch 128: 1,792 img/s,
+  44.3 %, 19.4 GiB); DDIM 50 for 32 images at 512^2 5.50 s, DPM-Solver++ 20 2.37 s.
 
 Run
   python benchmarks/speed.py --preset shapes                       all sections, this machine
   python benchmarks/speed.py --preset coco --device cuda --compile --models uvit --batch 64
+  python benchmarks/speed.py --preset coco --device cuda --compile --models uvit --sections train --batch 128 --steps 10 --warmup 3
   python benchmarks/speed.py --preset tiny --steps 1 --warmup 1    a smoke test (tests/test_benchmarks.py)
 """
 from __future__ import annotations

@@ -3,18 +3,26 @@
 decoder's resolution ceiling is exact where it must be; the latent probe scores what it says; the depth
 ceiling replays Shapes' depth draws exactly and finds the analytic best depth; the precision check reads
 every logged loss, flags a mode outside either tolerance, and trains each mode from one seed; the mask
-latent's geometry measures a known layout exactly and reads stage-1 and stage-2 runs alike."""
+latent's geometry measures a known layout exactly and reads stage-1 and stage-2 runs alike; the peer
+comparisons (vs_diffusers.py, vs_uvit.py) time every form, count forward + backward FLOPs, and build U-ViT-S/2's
+numbers (the peers themselves are not installed here); the coco dry run's stand-in SD weights load through
+both loaders and its replicated split reads as a dataset."""
+import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import coco_dry_run  # noqa: E402
 import data  # noqa: E402
+import ldmseg  # noqa: E402
 import depth_ceiling  # noqa: E402  (benchmarks/ is not a package; its folder is put on the path just above)
 import latent_probe  # noqa: E402
 import mask_ae_ceiling  # noqa: E402
 import mask_latent_geometry  # noqa: E402
 import speed  # noqa: E402
+import vs_diffusers  # noqa: E402
+import vs_uvit  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -150,3 +158,55 @@ def test_latent_geometry_cli_reads_stage_1_and_stage_2_runs_alike(tiny_runs, cap
     assert "channel 3" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="stage-1 or stage-2"):
         mask_latent_geometry.main(["--ckpt", str(root / "vae"), "--data", str(shapes)])
+
+
+def test_peer_comparison_times_each_network_and_form_and_prints_every_ratio(capsys):
+    torch.manual_seed(0)
+    a, b = torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(2, 3, 1)
+    x, t, eps = torch.randn(2, 2, 4, 4), torch.zeros(2, dtype=torch.long), torch.randn(2, 3, 4, 4)
+    args = argparse.Namespace(compile=False, no_optimizer=False, no_forward=False, rounds=2, warmup=0)
+    vs_diffusers.compare({"ours": (a, lambda x, t: a(x)), "peer": (b, lambda x, t: b(x))}, x, t, eps, 2, args,
+                         torch.device("cpu"), None)
+    out = capsys.readouterr().out
+    for name in ("ours eager", "peer eager"):
+        rows = [line for line in out.splitlines() if line.startswith(name) and " / " not in line]
+        assert len(rows) == 2 and float(rows[0].split()[-3]) > 0            # train and forward; img/s
+    for what in ("train", "forward"):
+        line = next(line for line in out.splitlines() if line.startswith(f"ours eager / peer eager, {what}"))
+        assert float(line.split()[-1]) > 0
+    assert "compiled" not in out and "MFU:" not in out                  # no compile asked; no peak on a CPU
+
+
+def test_training_flops_count_the_forward_and_the_weight_gradient():
+    conv = torch.nn.Conv2d(2, 3, 1, bias=False)
+    x = torch.randn(2, 2, 4, 4)                                          # no input gradient is needed
+    forward = 2 * 2 * 3 * 2 * 4 * 4                                      # 2 per multiply-add, B C_out C_in H W
+    assert vs_diffusers.train_flops(conv, lambda x, t: conv(x), x, None, torch.device("cpu"), None) == 2 * forward
+    assert conv.weight.grad is None                                      # the counting pass leaves no gradient
+
+
+def test_uvit_comparison_builds_mscoco_uvit_small_and_asks_for_the_official_clone(tmp_path):
+    c = vs_uvit.our_config("coco")
+    assert (c.arch, c.text_encoder, c.time_offset) == ("t2i", "context", 1)
+    assert (c.latent_size, c.latent_channels, c.patch_size, c.dim, c.depth, c.num_heads, c.mlp_ratio, c.qkv_bias,
+            c.context_dim, c.num_text_tokens) == (32, 4, 2, 512, 12, 8, 4.0, False, 768, 77)   # configs/mscoco_uvit_small.py
+    with pytest.raises(SystemExit, match="libs/uvit_t2i.py"):
+        vs_uvit.main(["--uvit-repo", str(tmp_path), "--device", "cpu"])
+
+
+def test_coco_dry_run_weights_load_as_sd_weights_and_its_copies_read_as_one_split(tiny_runs, tmp_path):
+    _, shapes = tiny_runs
+    path = tmp_path / "sd.safetensors"
+    n = coco_dry_run.write_random_sd(path, preset="tiny")
+    vae = ldmseg.load_image_autoencoder(path, ldmseg.ImageAEConfig.preset("tiny"))
+    unet = ldmseg.load_unet(path, coco_dry_run.sd_unet_config(ldmseg.UNetConfig.preset("tiny")))
+    assert unet.config.in_channels == 4 and unet.config.context_dim == 768                 # SD's own UNet
+    assert n == sum(p.numel() for m in (vae, unet) for p in m.state_dict().values())
+    assert coco_dry_run.replicate_split(shapes, "val", tmp_path / "coco", copies=2) == 6     # 3 val images x 2
+    ds = data.PanopticDataset(data.resolve_split(tmp_path / "coco", "train"), size=32)
+    original = data.PanopticDataset(data.resolve_split(shapes, "val"), size=32)
+    assert len(ds) == 6
+    for j in range(3):                     # items sort by id, original id x copies + copy: copies sit side by side
+        for k in (2 * j, 2 * j + 1):
+            assert torch.equal(ds[k]["image"], original[j]["image"])
+            assert torch.equal(ds[k]["segments"], original[j]["segments"])
