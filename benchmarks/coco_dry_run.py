@@ -14,7 +14,7 @@ memory are the recipe's: the networks, image size, batch, optimizer, EMA, self-c
 frozen VAE's encoding are all real; only the values are not (the loss, PQ and samples mean nothing).
 
 Measured on one H200 (README, Real Stable Diffusion weights), with --num-workers 8 or 14:
-  stage 1 (mask AE, batch 16 x 512^2): 3.6 it/s over its first 60 steps, 25,121 MiB used (nvidia-smi);
+  stage 1 (mask AE, batch 16 x 512^2): 3.6 it/s over its first 60 steps (4.3 over steps 40-60), 25,121 MiB used (nvidia-smi);
   stage 2 (batch 32 x 512^2, eager bf16): 2.2-2.5 it/s once warm, 64,907 MiB used.
 
 Run
