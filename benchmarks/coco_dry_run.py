@@ -12,9 +12,13 @@ Writes what the coco commands of the README read, at their real sizes, with stan
 then prints the train.py commands that run the recipe's stages on them. Their step rate and GPU
 memory are the recipe's: the networks, image size, batch, optimizer, EMA, self-conditioning and the
 frozen VAE's encoding are all real; only the values are not (the loss, PQ and samples mean nothing).
+One difference in the loader: the copies fit train.py's decoded-item cache (--data-cache-mb), so
+each image is decoded once per loader process, where full COCO is decoded every epoch;
+--data-cache-mb 0 makes the dry run decode every step as well (not measured).
 
 Measured on one H200 (README, Real Stable Diffusion weights), with --num-workers 8 or 14:
-  stage 1 (mask AE, batch 16 x 512^2): 3.6 it/s over its first 60 steps (4.3 over steps 40-60), 25,121 MiB used (nvidia-smi);
+  stage 1 (mask AE, batch 16 x 512^2): 3.6 it/s over its first 60 steps (4.3 over steps 40-60),
+    25,121 MiB used (nvidia-smi);
   stage 2 (batch 32 x 512^2, eager bf16): 2.2-2.5 it/s once warm, 64,907 MiB used.
 
 Run
