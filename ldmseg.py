@@ -1328,9 +1328,11 @@ class UNet(nn.Module):
 # the model learns to draw every segment distinct from its neighbours instead of the blur. This is
 # permutation-invariant training (Yu et al. 2017, speech separation) and the set matching of DETR (Carion
 # et al. 2020) applied to the diffusion target. The assignment is greedy, largest segment first (a greedy
-# over the cheapest pairs lets a 3-px segment inside a large one take the large one's id at no cost); the
-# optimum over all injections (the Hungarian algorithm) was not tried. A step costs one mask decode and
-# one encode more, without gradients (7-30 % of the `shapes` step on 2 CPU cores). Sampling is unchanged.
+# over the cheapest pairs lets a 3-px segment inside a large one take the large one's id at no cost). The
+# optimum over all injections (least total cross-entropy, the Hungarian algorithm) differs from it in about
+# a third of the images and trained worse: 48.7 against 54.2 (docs/experiments.md). A step costs one mask
+# decode and one encode more, without gradients (7-30 % of the `shapes` step on 2 CPU cores). Sampling is
+# unchanged.
 # Measured on the quick start's autoencoders (2,400 steps; PQ DDIM 50 on the 200 val images): 55.3, and
 # 53.0 / 52.6 in seeds 0 / 1 of a scratch copy, against 43.8 unmatched; SQ and RQ both up. The `shapes`
 # preset has it on, at 1,900 steps (train.py) for the time 2,400 unmatched took: 54.2; `coco` (the paper's
