@@ -167,7 +167,8 @@ PRESETS["tiny"]["2"] = dict(image_size=32, max_steps=20, batch_size=4, lr=1e-3, 
 # (ldmseg.py section 8), which costs 7-30 % more per step: 1,900 matched steps take the time 2,400 took
 # (PQ 54.2 against 55.3 at 2,400 on the Intel Xeon machine; 43.8 unmatched at 2,400). lr 2e-3: up on
 # 100 train images in three training seeds against 1e-3 (+5.4 / +2.3 / +1.9 PQ), while 4e-3 breaks
-# training down after the warm-up and 3e-3 gains nothing (docs/experiments.md).
+# training down after the warm-up and 3e-3 gains nothing unmatched and stalls matched (PQ 27.8;
+# docs/experiments.md).
 # DEVIATION: the paper fine-tunes SD's UNet at lr 1e-4, batch 256 (PAPER: LDMSeg Appendix A); this small
 # UNet trains from scratch at 16.
 PRESETS["shapes"]["2"] = dict(image_size=128, max_steps=1900, batch_size=16, lr=2e-3, eval_steps=50, eval_dpm_steps=20)

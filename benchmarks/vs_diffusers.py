@@ -68,8 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ldmseg  # noqa: E402  (the project root is put on the path just above)
 import train   # noqa: E402
-
-H200_BF16_TFLOPS = 790.0      # dense bf16 matrix products measured on an H200 (benchmarks/speed.py)
+from speed import H200_BF16_TFLOPS  # noqa: E402  (benchmarks/, this file's folder, is on the path)
 
 # -----------------------------------------------------------------------------
 # 1. The two networks
