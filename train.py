@@ -233,7 +233,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.preset not in PRESETS:
         raise SystemExit(f"unknown --preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     if cfg.stage not in PRESETS[cfg.preset]:
-        raise SystemExit(f"unknown --stage {cfg.stage!r}; choose from {sorted(PRESETS[cfg.preset])}")
+        raise SystemExit(f"unknown --stage {cfg.stage!r}; choose from {sorted(PRESETS[cfg.preset]) + ['all']}")
     if cfg.two_stream and cfg.stage != "cogen":
         raise SystemExit("--two-stream belongs to --stage cogen")
     if cfg.init_image_stream and not (cfg.stage == "t2i" or cfg.two_stream):
