@@ -576,6 +576,8 @@ def ensure_shapes(root: str | os.PathLike, *, size: int = 128, num_train: int = 
     default). A folder with anything in it is left alone: `resolve_split` finds its layout (COCO,
     ADE20k, flat) or says which it looked for."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise SystemExit(f"error: --data {root}: a file, not a folder (a COCO-format panoptic folder, or one to write Shapes in)")
     if root.exists() and any(root.iterdir()):
         return root
     log(f"{root} {'is empty' if root.exists() else 'does not exist'}: writing the Shapes dataset there ({num_train} train / {num_val} val, {size}px)")

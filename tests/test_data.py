@@ -302,6 +302,9 @@ def test_train_py_reads_a_flat_folder_and_names_the_layouts_it_looked_for(tmp_pa
     with pytest.raises((SystemExit, data.PanopticFormatError), match="nor a flat folder"):
         train.main(args + ["--data", str(tmp_path / "junk"), "--out-dir", str(tmp_path / "run2")])
     assert (tmp_path / "junk").exists() and not (tmp_path / "junk" / "annotations").exists()   # nothing written
+    with pytest.raises(SystemExit, match="a file, not a folder"):
+        train.main(args + ["--data", str(tmp_path / "junk" / "notes.txt"), "--out-dir", str(tmp_path / "run3")])
+    assert not any((tmp_path / "run3").rglob("*"))                      # no checkpoint, no config
 
 
 def test_exif_rotated_image_is_upright(tmp_path):
