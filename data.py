@@ -574,14 +574,35 @@ def ensure_shapes(root: str | os.PathLike, *, size: int = 128, num_train: int = 
                   seed: int = 0, log=print) -> Path:
     """Return `root`; when it does not exist yet (or is empty), write Shapes there first (the training
     default). A folder with anything in it is left alone: `resolve_split` finds its layout (COCO,
-    ADE20k, flat) or says which it looked for."""
+    ADE20k, flat) or says which it looked for.
+
+    Shapes is written into a hidden folder beside `root` and renamed to `root` when complete, so an
+    interrupted write never leaves a half dataset for the next run to read as a user's folder.
+    """
+    import shutil
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise SystemExit(f"error: --data {root}: a file, not a folder (a COCO-format panoptic folder, or one to write Shapes in)")
     if root.exists() and any(root.iterdir()):
         return root
     log(f"{root} {'is empty' if root.exists() else 'does not exist'}: writing the Shapes dataset there ({num_train} train / {num_val} val, {size}px)")
-    return write_shapes(root, size=size, num_train=num_train, num_val=num_val, seed=seed, log=log)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.writing-{os.getpid()}"
+    try:
+        write_shapes(tmp, size=size, num_train=num_train, num_val=num_val, seed=seed,
+                     log=lambda msg: log(msg.replace(str(tmp), str(root))))
+    except BaseException:                                 # Ctrl-C, a full disk: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        if root.exists():
+            root.rmdir()                                  # empty (checked above); the rename needs it gone
+        tmp.rename(root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root.exists() and any(root.iterdir())):   # else another process finished first: use its copy
+            raise
+    return root
 
 
 # -----------------------------------------------------------------------------

@@ -3172,6 +3172,12 @@ def init_ldmseg_unet_from_sd(model: LDMSeg, sd_unet_state: dict[str, Tensor]) ->
     state["conv_in.weight"] = wide
     drop = CROSS_ATTENTION_KEYS if unet.config.context_dim is None else ()
     load_exact(unet, state, "Stable Diffusion UNet weights", drop)
+    return freeze_time_embedding(model)
+
+
+def freeze_time_embedding(model: LDMSeg) -> list[str]:
+    """requires_grad False on the UNet's time-embedding MLP (from SD, kept as it is); returns the names.
+    A state dict does not carry requires_grad: a resumed run calls this again."""
     frozen = []
     for name, p in model.named_parameters():
         if name.startswith("unet.time_embedding."):

@@ -40,7 +40,10 @@ Run
 Reproducibility
   Every random draw of step k (noise, timesteps, id remaps, point samples) comes from a generator
   seeded with (seed, rank, k), and the data order of epoch e from (seed, e). A checkpoint therefore
-  only needs the step to resume: N steps straight equal N/2 + --resume + N/2, bit for bit on CPU.
+  only needs the step to resume: N steps straight equal N/2 + --resume + N/2, bit for bit on CPU for
+  the autoencoders; to ~1e-7 in the weights for the stages that cache image latents (2, multitask,
+  cogen, t2i), whose cache a resumed run refills in other batches (a CPU convolution's sums depend
+  on the batch). `--resume RUN` alone continues RUN with its own settings (resume_settings).
 
 Faults (the full table with the test of each: docs/faults.md)
   SIGINT / SIGTERM save a checkpoint and exit with 128 + the signal number. Checkpoints are written
@@ -219,7 +222,7 @@ FLAG_RANGES = (
     (("max_steps", "batch_size", "lr", "image_size", "log_every", "ckpt_every", "num_train", "num_val"),
      lambda v: v > 0, "a positive number"),
     (("crop", "num_workers", "data_cache_mb", "preview_every", "eval_images", "stop_after", "skip_nonfinite",
-      "warmup_steps", "weight_decay", "grad_clip", "eval_steps", "eval_dpm_steps", "min_word_count"),
+      "warmup_steps", "weight_decay", "grad_clip", "eval_steps", "eval_dpm_steps", "min_word_count", "seed"),
      lambda v: v >= 0, "0 or more"),
     (("min_lr_ratio",), lambda v: 0 <= v <= 1, "0..1"),
     (("ema_decay", "adam_beta2"), lambda v: 0 <= v < 1, "0..1, 1 excluded"),
@@ -303,17 +306,52 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return out
 
 
+# The fields that belong to one invocation: --resume never takes them from the run it continues.
+INVOCATION_FIELDS = ("resume", "stop_after", "device", "num_workers", "data_cache_mb", "compile")
+
+
+def resume_settings(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfig, list[str]]:
+    """On --resume: the run's own settings for every flag not given here; (resolved config, log notes).
+
+    `python train.py --resume RUN` alone continues RUN as it was started: in RUN (not the preset's
+    folder), with its stage, preset, length, learning-rate schedule, batch, seed and data. A flag given
+    here overrides the run's value (e.g. --max-steps to train longer), and each such change is noted.
+    given: the fields named on the command line (main() knows them); None = every field whose value
+    differs from TrainConfig's default (for train() called from Python).
+    """
+    if not cfg.resume:
+        return cfg, []
+    try:
+        ckpt = torch.load(find_checkpoint(cfg.resume), map_location="meta", weights_only=True)
+    except Exception:                           # not a readable checkpoint: load_checkpoint says why later
+        return cfg, []
+    run = ckpt.get("config") if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT else None
+    if not isinstance(run, dict):
+        return cfg, []
+    defaults = TrainConfig()
+    if given is None:
+        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    run = {**run, "out_dir": str(find_checkpoint(cfg.resume).parent)}       # where the run is now
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name in run and f.name not in INVOCATION_FIELDS]
+    out = resolve(dataclasses.replace(cfg, **{k: run[k] for k in fields if k not in given}))
+    notes = [f"--{k.replace('_', '-')} {getattr(out, k)} here, {run[k]} in the run"
+             for k in fields if k in given and getattr(out, k) != run[k]]
+    return out, notes
+
+
 # -----------------------------------------------------------------------------
 # 2. Run bookkeeping: devices, seeds, processes, logs, checkpoints
 # -----------------------------------------------------------------------------
 
 
 def pick_device(name: str) -> torch.device:
-    """--device auto picks cuda > mps > cpu; under torchrun each process takes its LOCAL_RANK GPU."""
+    """--device auto picks cuda > mps > cpu; under torchrun each process takes its LOCAL_RANK GPU
+    (with --device auto or a bare --device cuda; cuda:N names one GPU for every process)."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        name = "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+        name = ("cuda" if torch.cuda.is_available() else
+                "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
 
 
@@ -325,9 +363,16 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator for every random draw of one training step: a pure function of (seed, rank, step)."""
+    """The generator for every random draw of one training step: a pure function of (seed, rank, step).
+
+    Rank 0 (and a single process) seeds it with seed * 1_000_003 + step; the other ranks hash (seed,
+    rank, step), so no rank replays another's draws at a later step.
+    """
     g = torch.Generator(device="cpu")
-    g.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63))
+    if rank == 0:
+        g.manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    else:
+        g.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]) % (2 ** 63))
     return g
 
 
@@ -590,7 +635,7 @@ class EMA:
 
 class Stage:
     """What differs between stages. The loop in `train` calls, in order:
-    datasets() once, build() once, loss() every step, preview() now and then, finish() at the end.
+    build() once, datasets() once, loss() every step, preview() now and then, finish() at the end.
     """
     name = ""
     # What the training loss reads besides the segments; the rest is not decoded (data.PanopticDataset).
@@ -601,13 +646,13 @@ class Stage:
 
     def datasets(self) -> tuple[data.PanopticDataset, data.PanopticDataset]:
         """(train, val) datasets; Shapes is written to --data first when that folder does not exist."""
-        root = self._data_root()
+        root = self.data_root()
         kw = dict(size=self.cfg.image_size, seed=self.cfg.seed, max_segments=self.max_segments())
         return (data.shapes_dataset(root, "train", train=True, crop=self.cfg.crop, load_image=self.needs_image,
                                     load_depth=self.needs_depth, cache_mb=self.cfg.data_cache_mb, **kw),
                 data.shapes_dataset(root, "val", train=False, **kw))
 
-    def _data_root(self) -> Path:
+    def data_root(self) -> Path:
         return data.ensure_shapes(self.cfg.data, size=max(self.cfg.image_size, 128), num_train=self.cfg.num_train,
                                   num_val=self.cfg.num_val, seed=0, log=self.log)
 
@@ -717,17 +762,30 @@ def save_preview(img: np.ndarray, path: Path) -> None:
     Image.fromarray(img).save(path)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train one stage. Returns the final metrics (also written to <run>/metrics.json)."""
-    cfg = resolve(cfg)
+def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
+    """Train one stage. Returns the final metrics (also written to <run>/metrics.json).
+
+    given: the fields named on the command line, for --resume (resume_settings); None from Python.
+    """
+    cfg, notes = resume_settings(cfg, given) if cfg.resume else (resolve(cfg), [])
+    run_dir = Path(cfg.out_dir)
+    if not cfg.resume and (run_dir / "ckpt.pt").exists():       # never train over a run: nothing is lost
+        raise SystemExit(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or start "
+                         f"a new one with another --out-dir (or delete the folder first)")
     device = pick_device(cfg.device)
     dist = init_distributed(device)
-    run_dir = Path(cfg.out_dir)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     log = Logger(run_dir, dist.main)
+    for note in notes:
+        log(f"resuming with a changed setting: {note}")
     seed_everything(cfg.seed)
     stage = STAGES[cfg.stage](cfg, device, log)
+    if dist.world > 1:                  # one writer: rank 0 writes Shapes where --data is missing, the rest wait
+        import torch.distributed as tdist
+        if dist.main:
+            stage.data_root()
+        tdist.barrier(group=dist.wait_group)
     model = stage.build().to(device)
     train_ds, val_ds = stage.datasets()
     train_ds.skip_bad = cfg.skip_bad_samples           # val stays strict: evaluation names a bad file
@@ -763,6 +821,8 @@ def _maybe_resume(cfg, model, opt, ema, log) -> int:
         opt.load_state_dict(ckpt["optimizer"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.shadow = {k: ckpt["ema"][k].float().to(v.device) for k, v in ema.shadow.items()}
+        elif ema is not None:                     # an EMA turned on at resume starts from the loaded weights
+            ema.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if k in ema.shadow}
     log(f"resumed from {cfg.resume} at step {ckpt['step']}")
     return int(ckpt["step"])
 
@@ -1214,8 +1274,10 @@ class LatentStage(Stage):
     def image_latents(self, batch) -> torch.Tensor:
         """encode_image of a batch, cached per (item, flip) while the cache stays under 1 GiB.
 
-        Exact, not an approximation: the image AE is frozen and an uncropped item is fixed by its
-        index and flip. On Shapes this removes the image encoder from every step after the first epoch.
+        The image AE is frozen and an uncropped item is fixed by its index and flip, so this is the
+        encoding itself, to the last bits of the batch it was first encoded in (a resumed run refills
+        the cache in other batches: about 1e-7). On Shapes it removes the image encoder from every step
+        after the first epoch.
         """
         if self.cfg.crop:
             return self.encode_image(batch["image"])
@@ -1285,7 +1347,8 @@ class LDMSegStage(LatentStage):
         loop then loads its weights, the frozen autoencoders' included. No prerequisite is read: one
         trained again or pointed to elsewhere since must not change a run midway."""
         import ldmseg
-        self.mcfg = ldmseg.LDMSegConfig(**load_checkpoint(self.cfg.resume, self.cfg.stage)["model_config"])
+        ckpt = load_checkpoint(self.cfg.resume, self.cfg.stage)
+        self.mcfg = ldmseg.LDMSegConfig(**ckpt["model_config"])
         c = self.cfg                                       # the model flags given (unset: "", 0 or -1)
         refuse_other_model(c.resume, self.mcfg, {
             "prediction": ("--prediction", c.prediction or None),
@@ -1298,6 +1361,8 @@ class LDMSegStage(LatentStage):
         refuse_other_model(c.resume, self.mcfg.unet, {"attention_levels": (
             "--attention-levels", attention_levels(c.attention_levels, self.mcfg.unet) if c.attention_levels else None)})
         self.net = ldmseg.LDMSeg(self.mcfg)
+        if (ckpt.get("config") or {}).get("init_unet"):              # started from SD: its time embedding
+            ldmseg.freeze_time_embedding(self.net)                      # stays frozen (optimizer, EMA alike)
         return self.net
 
     def base_config(self) -> "ldmseg.LDMSegConfig":
@@ -1489,7 +1554,7 @@ class CaptionStage(LatentStage):
             pdm = cogen.PDMConfig.preset(self.cfg.preset)
             kw = dict(size=self.cfg.image_size, seed=self.cfg.seed, resize_mode="center_crop", hflip=False,
                       max_segments=2 ** pdm.instance_bits - 1 if pdm.panoptic or self.cfg.panoptic_map else None)
-            root = self._data_root()
+            root = self.data_root()
             self._datasets = (data.shapes_dataset(root, "train", train=True, load_depth=self.needs_depth,
                                                   cache_mb=self.cfg.data_cache_mb, **kw),
                               data.shapes_dataset(root, "val", train=False, **kw))
@@ -1778,19 +1843,23 @@ STAGES: dict[str, type[Stage]] = {"vae": ImageAEStage, "1": MaskAEStage, "2": LD
 # -----------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Flags generated from TrainConfig: kebab-case names, the field comment as help, defaults shown."""
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """Flags generated from TrainConfig: kebab-case names, the field comment as help, defaults shown.
+
+    suppress_defaults: parse only the flags given (given_flags).
+    """
     p = argparse.ArgumentParser(description="Train a stage of LDMSeg / PDM.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     comments = _field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, f.name)
+        default = argparse.SUPPRESS if suppress_defaults else f.default
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=f.default, help=help_text)
+            p.add_argument(flag, type=typ, default=default, help=help_text)
     return p
 
 
@@ -1814,11 +1883,16 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The TrainConfig fields named on the command line (argparse with every default suppressed)."""
+    return set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
-        return train(cfg)
+        return train(cfg, given_flags(argv))
     except (data.PanopticFormatError, CheckpointWriteError) as exc:   # bad data, full disk: the message, no traceback
         raise SystemExit(f"error: {exc}") from None
 

@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,8 +62,8 @@ def run_stage(stage: str, mode: str, args, root: Path, extra: list[str]) -> dict
             "--seed", str(args.seed), "--num-workers", str(args.num_workers)] + MODES[mode] + extra
     if stage == "2":
         argv += ["--eval-steps", "5", "--eval-dpm-steps", "5"]
-    if (out / "log.txt").exists():                 # an earlier run here: its log would be read with this one's
-        (out / "log.txt").unlink()
+    if out.exists():                               # an earlier run of this benchmark: start afresh
+        shutil.rmtree(out)
     start = time.perf_counter()
     train.main(argv)
     seconds = time.perf_counter() - start

@@ -471,9 +471,10 @@ def test_stage2_starts_from_stable_diffusion_weights_in_both_layouts(stage2_run,
                              ldmseg.to_compvis_unet_keys(sd_unet.state_dict(), sd_cfg).items()}, tmp_path / "sd.safetensors")
     out = tmp_path / "run"
     train.main(["--stage", "2", "--preset", "tiny", "--data", str(shapes), "--out-dir", str(out), "--num-workers", "0",
-                "--preview-every", "0", "--device", "cpu", "--max-steps", "2", "--log-every", "2",
+                "--preview-every", "0", "--device", "cpu", "--max-steps", "2", "--log-every", "2", "--stop-after", "1",
                 "--image-vae", str(tmp_path / "sd"), "--mask-ae", str(root / "s1"), "--init-unet", str(tmp_path / "sd.safetensors")])
     assert "Stable Diffusion weights" in (out / "log.txt").read_text()
+    train.main(["--resume", str(out), "--num-workers", "0", "--device", "cpu"])  # the time embedding frozen again
     ckpt = train.load_checkpoint(out, "2")
     model = ldmseg.load_ldmseg(ckpt, use_ema=False)
     assert torch.equal(model.image_ae.encoder.conv_in.weight, vae.encoder.conv_in.weight)

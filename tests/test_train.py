@@ -106,6 +106,69 @@ def test_resume_continues_bit_for_bit(shapes32, tmp_path):
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
 
 
+def test_resume_alone_continues_the_run_with_its_own_settings(shapes32, tmp_path, capsys):
+    """--resume RUN and nothing else: RUN's folder, length, lr and EMA, not the preset's."""
+    run = tmp_path / "run"
+    train.main(_args(shapes32, run, "1", "--max-steps", "6", "--stop-after", "3", "--lr", "5e-4", "--ema-decay", "0"))
+    train.main(["--resume", str(run), "--num-workers", "0", "--device", "cpu"])
+    ckpt = train.load_checkpoint(run, "1")
+    assert ckpt["step"] == 6 and ckpt["metrics"] and ckpt["ema"] is None
+    assert ckpt["config"]["lr"] == 5e-4 and ckpt["config"]["out_dir"] == str(run)
+    # A flag given beside --resume overrides the run's value, and the log says so.
+    train.main(["--resume", str(run), "--max-steps", "8", "--num-workers", "0", "--device", "cpu"])
+    assert train.load_checkpoint(run, "1")["step"] == 8
+    assert "resuming with a changed setting: --max-steps 8 here, 6 in the run" in (run / "log.txt").read_text()
+
+
+def test_a_run_folder_is_never_trained_over(shapes32, tmp_path):
+    run = tmp_path / "run"
+    train.main(_args(shapes32, run, "vae", "--max-steps", "2"))
+    before = (run / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run: continue it with --resume"):
+        train.main(_args(shapes32, run, "vae", "--max-steps", "1"))
+    assert (run / "ckpt.pt").read_bytes() == before
+
+
+def test_an_ema_turned_on_at_resume_starts_from_the_loaded_weights(shapes32, tmp_path):
+    run = tmp_path / "run"
+    train.main(_args(shapes32, run, "1", "--max-steps", "4", "--stop-after", "2", "--ema-decay", "0"))
+    loaded = train.load_checkpoint(run, "1")["model"]
+    cfg = train.resolve(train.TrainConfig(stage="1", preset="tiny", data=str(shapes32), resume=str(run),
+                                          ema_decay=0.5, device="cpu"))
+    stage = train.STAGES["1"](cfg, torch.device("cpu"), train.Logger(None, False))
+    model = stage.build()
+    ema = train.EMA(model, 0.5)
+    assert train._maybe_resume(cfg, model, train.make_optimizer(model, cfg, torch.device("cpu")), ema,
+                               train.Logger(None, False)) == 2
+    assert all(torch.equal(v, loaded[k].float()) for k, v in ema.shadow.items())
+
+
+def test_step_generators_of_different_ranks_never_replay_each_other():
+    draw = lambda rank, step: torch.rand(4, generator=train.step_generator(3, rank, step, torch.device("cpu")))
+    assert torch.equal(draw(0, 5), torch.rand(4, generator=torch.Generator().manual_seed(3 * 1_000_003 + 5)))
+    assert not torch.equal(draw(1, 5), draw(0, 5 + 7_919)) and not torch.equal(draw(1, 5), draw(2, 5))
+    with pytest.raises(SystemExit, match="--seed takes 0 or more, got -1"):
+        train.resolve(train.TrainConfig(stage="1", seed=-1))
+
+
+def test_a_bare_cuda_device_under_torchrun_is_the_process_s_own_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.pick_device("cuda") == torch.device("cuda", 1)
+    assert train.pick_device("cuda:0") == torch.device("cuda", 0) and train.pick_device("cpu").type == "cpu"
+
+
+def test_an_interrupted_shapes_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "_write_shapes_chunk", boom)
+    with pytest.raises(KeyboardInterrupt):
+        data.ensure_shapes(tmp_path / "shapes", size=32, num_train=2, num_val=1, log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    root = data.ensure_shapes(tmp_path / "shapes", size=32, num_train=2, num_val=1, log=lambda *_: None)
+    assert root == tmp_path / "shapes" and (root / "shapes.json").exists() and len(list(tmp_path.iterdir())) == 1
+
+
 def test_checkpoint_rebuilds_a_model_with_identical_outputs(shapes32, tmp_path):
     import ldmseg
     train.main(_args(shapes32, tmp_path / "run", "1", "--max-steps", "2"))
@@ -164,3 +227,24 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(shapes32, tmp_path):
     init = torch.cat([p.detach().flatten() for p in train.STAGES["1"](
         train.resolve(train.TrainConfig(stage="1", preset="tiny")), torch.device("cpu"), None).build().parameters()])
     assert not torch.equal(result[0], init)                                 # they did train
+
+
+def _ddp_main_worker(rank, world, port, root, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    write = data.write_shapes                         # count the writers: one line per call
+    data.write_shapes = lambda *a, **kw: (open(out.parent / "writes.txt", "a").write(f"{rank}\n"), write(*a, **kw))[1]
+    train.main(["--stage", "vae", "--preset", "tiny", "--data", str(root), "--out-dir", str(out), "--max-steps", "1",
+                "--num-train", "8", "--num-val", "2", "--num-workers", "0", "--preview-every", "0", "--device", "cpu"])
+
+
+def test_ddp_ranks_write_a_missing_shapes_folder_once(tmp_path):
+    """Rank 0 writes Shapes where --data names no folder yet; the other ranks wait for it, then read it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_main_worker, args=(2, port, tmp_path / "shapes", tmp_path / "run"), nprocs=2, join=True)
+    assert (tmp_path / "writes.txt").read_text() == "0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shapes", "writes.txt"]
+    assert train.load_checkpoint(tmp_path / "run", "vae")["step"] == 1
