@@ -960,10 +960,11 @@ def _loop(cfg, stage, model, opt, ema, train_ds, val_ds, device, dist, run_dir, 
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast_dtype(cfg, device)
     stream = batch_stream(train_ds, cfg, dist, device, start)
-    stopper, t0, sums, count, step = StopFlag(), time.time(), {}, 0, start
+    t0, sums, count, step = time.time(), {}, 0, start
     faults = FaultLog(log)
     preview_batch = (_to_device(data.collate([val_ds[i] for i in range(min(4, len(val_ds)))]), device)
                      if dist.main and len(val_ds) else None)
+    stopper = StopFlag()              # installed just before the try whose finally restores the handlers
     try:
         for step in range(start, cfg.max_steps):
             try:

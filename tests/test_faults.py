@@ -214,6 +214,10 @@ def test_a_bad_preview_image_stops_training_before_the_first_step_naming_it(shap
         train.main(_args(shapes, tmp_path / "run", "--max-steps", "2", "--num-workers", "0"))
     assert str(info.value.code).startswith(f"error: {bad}: cannot read image")
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+    # The signal handlers are the process's own again: a process pool forked later (PQ) must still die
+    # of the SIGTERM its terminate() sends, not set a training loop's stop flag and hang.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_skip_bad_samples_replaces_the_item_counts_and_logs_it(shapes, tmp_path):
