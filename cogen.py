@@ -122,7 +122,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from data import SHAPES_COLOURS, SHAPES_THINGS, bits_to_ids, ids_to_bits, num_bits_for, remap_ids
-from ldmseg import (ImageAEConfig, ImageAutoencoder, _as_tuples, _preset, _rand, _randn, attention,
+from ldmseg import (ImageAEConfig, ImageAutoencoder, _as_tuples, _preset, _rand, _randint, _randn, attention,
                     timestep_embedding)
 from sample import KnownRegion, NoiseSchedule, classifier_free_guidance, ddim_sample, dpm_solver_pp_sample
 
@@ -923,7 +923,7 @@ def pdm_loss(model: nn.Module, x0_image: Tensor, m0_bits: Tensor, text: Tensor, 
     """
     B, device = x0_image.shape[0], x0_image.device
     # 1. One timestep for image and map [PDM Alg. 1].
-    t = torch.randint(0, config.num_train_steps, (B,), generator=generator).to(device)
+    t = _randint(config.num_train_steps, (B,), generator, device)
     # 2. Forward process: x_t = a x_0 + s eps, M_t = a M_0 + 2 s eps_M [PDM Alg. 1; brief §6.1].
     eps = _randn(x0_image.shape, generator, x0_image)
     eps_map = _randn(m0_bits.shape, generator, m0_bits)
@@ -951,7 +951,7 @@ def t2i_loss(model: nn.Module, x0_image: Tensor, text: Tensor, schedule: NoiseSc
     dropped to "" with text_drop_prob (PAPER: U-ViT's p_uncond = 0.1, as PDM [brief §6.3]).
     """
     B, device = x0_image.shape[0], x0_image.device
-    t = torch.randint(0, config.num_train_steps, (B,), generator=generator).to(device)
+    t = _randint(config.num_train_steps, (B,), generator, device)
     eps = _randn(x0_image.shape, generator, x0_image)
     x_t = schedule.q_sample(x0_image, t, eps)                                 # x_t = a x_0 + s eps
     drop_text = dropout_mask(B, config.text_drop_prob, generator, device)

@@ -5,8 +5,8 @@ FID, and the evaluation of trained LDMSeg and PDM models.
 
 Panoptic quality (PQ = SQ x RQ; Kirillov et al., "Panoptic Segmentation", CVPR 2019) is computed with
 exactly the semantics of the COCO reference evaluator, panopticapi's `pq_compute`: a predicted and a
-ground-truth segment of the same category match when their IoU is > 0.5 (void pixels of the
-prediction left out of the union); unmatched ground truth is a false negative unless it is crowd;
+ground-truth segment of the same category match when their IoU is > 0.5 (the prediction's pixels
+on ground-truth void left out of the union); unmatched ground truth is a false negative unless it is crowd;
 an unmatched prediction is a false positive unless more than half of it lies on void or on the crowd
 region of its category; PQ, SQ, RQ are averaged over the categories that occur (All, Things, Stuff).
 It gives the same numbers as panopticapi on the same files (to floating-point precision; the sums
@@ -259,7 +259,8 @@ def match_segments(conf: np.ndarray, gt: SegmentTable, pred: SegmentTable,
     pred_area = conf[:, 1:].sum(axis=0)                           # (P,) counted in the PNG
     gt_area = gt.area if gt.area is not None else conf[1:, :].sum(axis=1)   # (G,) QUIRK: JSON area
     same_cat = gt.cat[:, None] == pred.cat[None, :]               # (G, P)
-    # Void pixels of the prediction are left out of the union: void is "don't know", not an error.
+    # The prediction's pixels on ground-truth void are left out of the union: void is "don't know",
+    # not an error.
     union = pred_area[None, :] + gt_area[:, None] - inter - pred_void[None, :]   # (G, P)
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = inter / union                                       # (G, P) float64

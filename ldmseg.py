@@ -50,8 +50,8 @@ Deviations from the paper / official code (and why)
     all-reduces that count over GPUs first. Identical on one device; under DDP each process then
     weighs its own masks (a small change in relative weighting, not in the optimum).
   * DEVIATION: the `shapes` / `tiny` presets use narrower networks and fewer bits (Shapes has at
-    most 11 segments); `shapes` scores every logit cell of its 64^2 training crops and trains on the
-    posterior mean (see its preset for why); `tiny` uses 49 points.
+    most 11 segments); `shapes` samples as many loss points as its 64^2 training crops have logit
+    cells (1,024) and trains on the posterior mean (see its preset for why); `tiny` uses 49 points.
   * DEVIATION: the image autoencoder is trained here (on Shapes, when no SD weights are given) with
     L1 + tiny KL only; Stable Diffusion adds LPIPS and a patch GAN. Shapes images are flat colours
     and simple textures, for which L1 alone reconstructs well; real SD weights load unchanged.
@@ -134,6 +134,17 @@ def _rand(shape, generator: torch.Generator | None, device: torch.device) -> Ten
     """U[0, 1) float32 numbers of `shape` on `device`, drawn from `generator`."""
     gen_device = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def _randint(high: int, shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """int64 numbers in [0, high) of `shape` on `device`, drawn from `generator` (training times t)."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, high, shape, generator=generator, device=gen_device).to(device)
+
+
+def _fp32(x: Tensor):
+    """A context without autocast on x's device: what runs inside computes in fp32 (given fp32 inputs)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class LayerNorm2d(nn.Module):
@@ -297,8 +308,9 @@ class MaskAEConfig:
     _PRESETS: ClassVar[dict[str, dict]] = {
         "coco": {},
         # 128^2 Shapes images hold <= 11 segments: 4 bits (15 ids), widths 16..32 instead of 32..256.
-        # DEVIATION (CPU budget): trained on 64^2 crops with every logit cell scored (1024 points =
-        # the 32^2 cells of a crop's H/2 logits) and on the posterior mean. With a few thousand steps
+        # DEVIATION (CPU budget): trained on 64^2 crops with 1024 points per crop, as many as the 32^2
+        # cells of a crop's H/2 logits (still sampled: 768 by uncertainty, 256 uniform, so about 600
+        # distinct cells are hit), and on the posterior mean. With a few thousand steps
         # instead of LDMSeg's 66k, sparse points starve the loss, and the sampled posterior starts at
         # sigma = 1 (KL weight 0 never shrinks it), drowning the latent until logvar is learned down.
         # DEVIATION: noise at 0.1 of the latent's std in training instead (MaskAutoencoder.forward).
@@ -417,11 +429,15 @@ class MaskAutoencoder(nn.Module):
 
         The remaining x2 is a bilinear interpolation (align_corners=False), applied only at decode
         time; training scores the H/2 logits directly through point sampling [LDMSeg brief §2.2].
+        PAPER: another size is reached by a second bilinear resize from the model's H x W, as the
+        official evaluation resizes to the original image [LDMSeg brief §4, step 4].
         """
         logits = self.decode(z)                                           # (B, 2^K, H/2, W/2)
-        if size is None:
-            size = (z.shape[-2] * self.downsample_factor, z.shape[-1] * self.downsample_factor)
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # -> (B, 2^K, *size)
+        full = (z.shape[-2] * self.downsample_factor, z.shape[-1] * self.downsample_factor)
+        logits = F.interpolate(logits, size=full, mode="bilinear", align_corners=False)  # -> (B, 2^K, H, W)
+        if size is not None and tuple(size) != full:
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)  # -> *size
+        return logits
 
     def forward(self, bits: Tensor, generator: torch.Generator | None = None, sample_posterior: bool = True,
                 latent_noise: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -1536,8 +1552,17 @@ class LDMSeg(nn.Module):
 
     @torch.no_grad()
     def encode_ids(self, ids: Tensor) -> Tensor:
-        """ids (B, H, W) int64 (already remapped into 1..2^K-1) -> z_0 = s_t * mean (B, 4, h, w)."""
-        bits = ids_to_bits(ids, self.config.mask_ae.num_bits)
+        """ids (B, H, W) int64 (already remapped into 1..2^K-1) -> z_0 = s_t * mean (B, 4, h, w), fp32.
+
+        PAPER: the frozen mask autoencoder runs in fp32 whatever the UNet's autocast [LDMSeg brief §3.4], so
+        the targets a bf16 run trains on are those sampling and inpainting encode. (The image autoencoder
+        follows the autocast, as SD's VAE runs in half precision in the official code.)
+        """
+        with _fp32(ids):
+            return self._encode_bits(ids_to_bits(ids, self.config.mask_ae.num_bits).float())
+
+    def _encode_bits(self, bits: Tensor) -> Tensor:
+        """bits (B, K, H, W) -> z_0 = s_t * mean (B, 4, h, w)."""
         if bits.device.type == "cpu":
             # Speed only: oneDNN's channels-last convolutions run this frozen encoder, which stage 2 calls on
             # fresh random ids every step, in 29 ms instead of 45 for a batch of 16 at 128^2 on 2 CPU cores
@@ -1547,8 +1572,9 @@ class LDMSeg(nn.Module):
 
     @torch.no_grad()
     def decode_latent(self, z0: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        """z_0 (B, 4, h, w) -> id logits (B, 2^K, H, W) at full size (or `size`)."""
-        return self.mask_ae.decode_full(z0 / self.latent_scale, size)
+        """z_0 (B, 4, h, w) -> id logits (B, 2^K, H, W) at full size (or `size`); fp32 (encode_ids)."""
+        with _fp32(z0):
+            return self.mask_ae.decode_full(z0.float() / self.latent_scale, size)
 
     @property
     def latent_scale(self) -> float:
@@ -1620,8 +1646,9 @@ def decoded_ce_loss(net: LDMSeg, x0_pred: Tensor, ids: Tensor, generator: torch.
     x0_pred: (B, 4, h, w) float in z_0's units (b * s_t * mean); ids: (B, H, W) int64, the remapped ids z_0
     encodes (0 = void, ignored). The gradient flows through the decoder (its weights frozen) into x0_pred.
     """
-    logits = net.mask_ae.decode(x0_pred / net.latent_scale)              # (B, 4, h, w) -> (B, 2^K, H/2, W/2)
-    return point_ce_loss(logits.float(), ids, net.config.mask_ae, generator)
+    with _fp32(x0_pred):                                                 # the frozen decoder in fp32 (encode_ids)
+        logits = net.mask_ae.decode(x0_pred.float() / net.latent_scale)  # (B, 4, h, w) -> (B, 2^K, H/2, W/2)
+    return point_ce_loss(logits, ids, net.config.mask_ae, generator)
 
 
 def match_ids(logp: Tensor, ids: Tensor) -> Tensor:
@@ -1661,8 +1688,9 @@ def match_ids(logp: Tensor, ids: Tensor) -> Tensor:
 @torch.no_grad()
 def matched_ids(net: LDMSeg, x0_pred: Tensor, ids: Tensor) -> Tensor:
     """The ids z_0 encodes (B, H, W) renamed to those the frozen mask decoder draws from x0_pred (B, 4, h, w)."""
-    logp = net.mask_ae.decode(x0_pred / net.latent_scale).float().log_softmax(1)  # (B, 2^K, H/2, W/2)
-    return match_ids(logp, ids)
+    with _fp32(x0_pred):                                  # the frozen decoder and the costs in fp32 (encode_ids)
+        logp = net.mask_ae.decode(x0_pred.float() / net.latent_scale).log_softmax(1)  # (B, 2^K, H/2, W/2)
+        return match_ids(logp, ids)
 
 
 def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_image: Tensor, valid: Tensor,
@@ -1682,12 +1710,12 @@ def ldmseg_loss(model: nn.Module, config: LDMSegConfig, schedule, z0: Tensor, z_
     valid count) -- images with much void contribute less [LDMSeg brief §8.10].
     """
     B, device = z0.shape[0], z0.device
-    t = torch.randint(0, config.num_train_steps, (B,), generator=generator).to(device)
-    eps = torch.randn(z0.shape, generator=generator).to(device)
+    t = _randint(config.num_train_steps, (B,), generator, device)
+    eps = _randn(z0.shape, generator, z0.float())
     z_t = schedule.q_sample(z0, t, eps)                                  # [DDPM Eq. 4]
     x0_self = None
     if config.self_condition:
-        use = (torch.rand(B, generator=generator) < config.self_condition_prob).to(device)
+        use = _rand((B,), generator, device) < config.self_condition_prob
         x0_self = self_condition_input(model, z_t, t, z_image, use, schedule, task, config.prediction)
     pred = denoise(model, z_t, t, z_image, x0_self, task).float()
     if config.match_ids:
@@ -1747,7 +1775,8 @@ def panoptic_from_logits(logits: Tensor, mask_th: float = 0.5, count_th: float =
     soft = (logits.sigmoid() >= mask_th).flatten(2).sum(-1).float()      # (B, C)
     work_h, work_w = work_size or (H, W)
     min_area = count_th * work_h * work_w / 512 ** 2
-    keep = (area >= min_area) & (area >= overlap_th * soft)              # (b), (c)
+    keep = (area >= min_area) & ~(area.double() / soft.double() < overlap_th)  # (b), (c); as the official
+    # float64 test: a product in float32 rounds ties (15 / 25 against 0.6) the other way; soft = 0 keeps
     keep[:, 0] = False
     return torch.where(keep.gather(1, pred.flatten(1)).view(B, H, W), pred, 0)
 
@@ -1785,7 +1814,7 @@ def sample_latent(model: LDMSeg, z_image: Tensor, *, sampler: str = "ddim", step
             state["x0"] = x0_fn(state["x0"])                              # section 11: fitted to given pixels
         return state["x0"] if as_x0 else out                             # read at t_model, not at t
 
-    z_T = torch.randn(z_image.shape, generator=generator).to(z_image.device)
+    z_T = _randn(z_image.shape, generator, z_image.float())                # float32 whatever the image latent
     kw = dict(steps=steps, generator=generator, known=known, callback=callback,
               prediction="x0" if as_x0 else prediction)
     if sampler == "ddim":
@@ -2123,14 +2152,15 @@ def guided_upsample(u: Tensor, guide: Tensor, sigma_color: float) -> Tensor:
     cell_colour = (guide.reshape(B, 3, h, c, w, c).permute(0, 1, 2, 4, 3, 5)
                    .flatten(-2).median(-1).values)                                    # (B, 3, h, w)
     up = lambda t: t.repeat_interleave(c, -2).repeat_interleave(c, -1)                # cell grid -> pixels
-    offset = torch.arange(H, device=u.device) % c + 0.5 - c / 2                       # pixel - own cell centre
+    off_h = torch.arange(H, device=u.device) % c + 0.5 - c / 2                        # pixel - own cell centre,
+    off_w = torch.arange(W, device=u.device) % c + 0.5 - c / 2                        # per row and per column
     pad = lambda t: F.pad(t, (1, 1, 1, 1))
     u_p, colour_p, inside = pad(u), pad(cell_colour), pad(torch.ones_like(u))        # (B, *, h + 2, w + 2)
     values, log_w = [], []
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):                                                         # the neighbour cell q
             q = lambda t: up(t[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w])            # (B, *, H, W)
-            d2 = (offset.view(H, 1) - dy * c) ** 2 + (offset.view(1, W) - dx * c) ** 2   # (H, W) px^2
+            d2 = (off_h.view(H, 1) - dy * c) ** 2 + (off_w.view(1, W) - dx * c) ** 2     # (H, W) px^2
             lw = -d2 / (2 * (c / 2) ** 2) - ((guide - q(colour_p)) ** 2).sum(1, keepdim=True) / (2 * sigma_color ** 2)
             log_w.append(lw.masked_fill(q(inside) == 0, float("-inf")))               # (B, 1, H, W)
             values.append(q(u_p))
@@ -2787,6 +2817,9 @@ def _atomic_write(path: Path, chunks: list) -> None:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(memoryview(chunk))
+        umask = os.umask(0)                                              # mkstemp made it owner-only:
+        os.umask(umask)                                                  # give it an ordinary file's mode
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -130,6 +130,43 @@ def test_decoding_at_another_size_keeps_the_area_threshold_of_the_model_s_own(ti
     assert set(out.unique().tolist()) == {0, 5, 11}
 
 
+def test_overlap_threshold_keeps_a_segment_at_an_exact_tie_as_the_official_float64_test():
+    """15 of the 25 pixels where channel 1's sigmoid is >= 0.5 won: 15 / 25 = 0.6 is not < 0.6, so it stays."""
+    logits = torch.full((1, 3, 5, 5), -10.0)
+    logits[0, 1] = 0.5                                                       # sigmoid >= 0.5 on all 25 pixels
+    logits[0, 1].view(-1)[:15] = 10.0                                        # ... and the argmax on 15 of them
+    logits[0, 2].view(-1)[15:] = 10.0
+    out = ldmseg.panoptic_from_logits(logits, count_th=0.0, overlap_th=0.6)
+    assert int((out == 1).sum()) == 15
+    assert int((ldmseg.panoptic_from_logits(logits, count_th=0.0, overlap_th=0.61) == 1).sum()) == 0
+
+
+def test_decoding_at_another_size_resizes_twice_as_the_official_evaluation(tiny_model):
+    """x2 to the model's own size first, then to the requested size [LDMSeg brief §4, step 4]."""
+    ae = tiny_model.mask_ae
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    full = ae.decode_full(z)                                                 # (1, 2^K, 32, 32)
+    assert full.shape[-2:] == (32, 32)
+    out = ae.decode_full(z, (48, 40))
+    want = torch.nn.functional.interpolate(full, size=(48, 40), mode="bilinear", align_corners=False)
+    assert torch.equal(out, want)
+    assert torch.equal(ae.decode_full(z, (32, 32)), full)
+
+
+def test_the_frozen_mask_autoencoder_runs_in_fp32_under_autocast(tiny_model):
+    """Training's bf16 autocast must not change the targets and decodes that sampling computes in fp32."""
+    ids = torch.randint(0, 16, (2, 32, 32), generator=torch.Generator().manual_seed(0))
+    z = tiny_model.encode_ids(ids)
+    logits = tiny_model.decode_latent(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_amp = tiny_model.encode_ids(ids)
+        logits_amp = tiny_model.decode_latent(z)
+        matched = ldmseg.matched_ids(tiny_model, z, ids)
+    assert z_amp.dtype == torch.float32 and torch.equal(z_amp, z)
+    assert logits_amp.dtype == torch.float32 and torch.equal(logits_amp, logits)
+    assert torch.equal(matched, ldmseg.matched_ids(tiny_model, z, ids))
+
+
 def test_post_processing_edge_cases_all_void_one_segment_and_low_confidence():
     ids = torch.zeros(32, 32, dtype=torch.long)
     assert ldmseg.panoptic_from_logits(_logits_for(ids, 8)).max() == 0       # channel 0 never forms a segment

@@ -260,6 +260,11 @@ def test_guided_upsampling_blends_within_one_colour_and_survives_a_colour_no_cel
     assert bool(out.isfinite().all()) and out[0, 5, 5].item() == pytest.approx(2.0, rel=1e-3)
     with pytest.raises(ValueError, match="whole number"):
         ldmseg.guided_upsample(z[:, :1], torch.zeros(1, 3, 20, 16), 0.1)
+    # Non-square maps: each pixel's offset from its cell centre is taken along its own axis.
+    u = torch.arange(6.0).view(1, 1, 2, 3)
+    wide = ldmseg.guided_upsample(u, torch.zeros(1, 3, 16, 24), 10.0)
+    tall = ldmseg.guided_upsample(u.transpose(-1, -2), torch.zeros(1, 3, 24, 16), 10.0)
+    assert wide.shape == (1, 1, 16, 24) and torch.allclose(wide.transpose(-1, -2), tall)
 
 
 def test_the_multitask_depth_decoder_is_guided_by_the_image(tiny_multitask):
