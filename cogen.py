@@ -1048,6 +1048,9 @@ def generate(model: nn.Module, text: Text, *, sampler: Optional[str] = None, ste
            map_std * _randn((B, c.num_map_bits, c.map_size, c.map_size), generator, probe))
     known = None
     if given_map is not None:
+        want = (B, c.num_map_bits, c.map_size, c.map_size)
+        if tuple(given_map.shape) != want:
+            raise ValueError(f"given_map must be (B, K, H_m, W_m) = {want} (encode_map's bits), got {tuple(given_map.shape)}")
         given = given_map.to(device, torch.float32)
         known = (None, KnownRegion(given, torch.ones_like(given), clean=True))
     denoise = guided_denoiser(model, text, c.text_scale if text_scale is None else text_scale,

@@ -1399,6 +1399,10 @@ class LDMSegConfig:
         _as_tuples(self)                                                  # tasks, depth_range back from JSON lists
         if self.prediction not in ("eps", "x0"):
             raise ValueError(f"LDMSegConfig.prediction must be 'eps' or 'x0', got {self.prediction!r}")
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"LDMSegConfig.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        if not 0 <= self.self_condition_prob <= 1:
+            raise ValueError(f"LDMSegConfig.self_condition_prob must lie in [0, 1], got {self.self_condition_prob}")
         if self.signal_scale <= 0 or any(b <= 0 for b in self.task_signal_scales.values()):
             raise ValueError(f"LDMSegConfig: signal scales must be > 0, got {self.signal_scale} and {self.task_signal_scales}")
         if set(self.task_signal_scales) - set(OWN_SCALE_TASKS):

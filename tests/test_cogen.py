@@ -274,6 +274,8 @@ def test_given_map_mode_keeps_the_map_exactly(sampler):
     assert torch.equal(maps, given)
     assert all(torch.equal(m[:3], given) for m in model.maps)              # the model saw it every call
     assert image.shape == (3, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    with pytest.raises(ValueError, match=r"given_map must be \(B, K, H_m, W_m\)"):
+        cogen.generate(model, CAPTIONS, sampler=sampler, steps=3, given_map=given[:1])   # one map for 3 captions
 
 
 def test_generation_is_reproducible_from_the_generator():

@@ -35,6 +35,10 @@ def test_config_round_trips_through_a_plain_dict():
     cfg = ldmseg.LDMSegConfig.preset("tiny")
     again = ldmseg.LDMSegConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
     assert again == cfg
+    for bad, match in ((dict(min_snr_gamma=0.0), "min_snr_gamma must be > 0"),
+                       (dict(self_condition_prob=1.5), r"self_condition_prob must lie in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(cfg, **bad)
 
 
 def test_min_snr_weight_values():
