@@ -2421,8 +2421,11 @@ def depth_picture(depth: Tensor, depth_range: tuple[float, float]) -> Tensor:
 # Masks live on the latent grid: the known region is imposed cell by cell, so a mask finer than a
 # latent cell (8 px) could not be honoured. PAPER: sparse masks drop independent 16 x 16 px blocks
 # at 512^2 (2 x 2 latent cells) with probability p [LDMSeg brief §5]; the block is scaled with the
-# resolution and never below one cell (8 px at 128^2). Global masks hide large rectangles
-# (BEiT-style block-wise masking, as the official mask generator).
+# resolution and never below one cell (8 px at 128^2). Global masks hide rectangles of up to an
+# eighth of the grid each (BEiT-style block-wise masking, as the official mask generator). The
+# global-mask figures above were measured with an earlier generator of ours whose rectangles were
+# not capped (up to the whole budget at once) and could span the grid; the README's table is the
+# present one's.
 
 
 def sparse_known_mask(h: int, w: int, given: float, block: int = 2,
@@ -2434,24 +2437,26 @@ def sparse_known_mask(h: int, w: int, given: float, block: int = 2,
 
 
 def global_known_mask(h: int, w: int, given: float, generator: torch.Generator | None = None,
-                      min_cells: int = 4, max_tries: int = 10) -> Tensor:
-    """(h, w) latent-grid mask, 1 = known, whose unknown part is large rectangles (BEiT block-wise).
+                      max_tries: int = 10) -> Tensor:
+    """(h, w) latent-grid mask, 1 = known, whose unknown part is rectangles (BEiT block-wise masking).
 
-    Rectangles of area U(min_cells, budget left) and log-uniform aspect in [0.3, 1/0.3] are hidden
-    until round((1 - given) * h * w) cells are unknown; a rectangle is accepted only when it hides
-    new cells without exceeding the budget (up to max_tries per rectangle, as the official code).
+    PAPER: the official `random_global` generator (BEiT's) on its 32 x 32 grid: rectangles of target
+    area U(4, min(128, budget left)) cells and log-uniform aspect in [0.3, 1/0.3], strictly smaller than
+    the grid in each direction, each accepted only when it hides new cells without exceeding the budget
+    (up to max_tries per rectangle) [LDMSeg brief §5]. Here both areas are the same shares of any grid
+    (4/1024, at least one cell, and 1/8). DEVIATION: where BEiT stops once max_tries rectangles fail,
+    the rest of the budget is hidden as single cells, so exactly round((1 - given) h w) cells are unknown.
     """
     hidden = torch.zeros(h, w)
     budget = round((1.0 - given) * h * w)
+    min_cells, max_cells = max(1, round(4 * h * w / 1024)), max(1, round(h * w / 8))
     while hidden.sum() < budget:
         left = budget - int(hidden.sum())
         for _ in range(max_tries):
-            area = float(torch.empty(1).uniform_(min(min_cells, left), max(left, min_cells), generator=generator))
-            aspect = math.exp(float(torch.empty(1).uniform_(math.log(0.3), math.log(1 / 0.3), generator=generator)))
-            rh = max(1, min(h, round(math.sqrt(area * aspect))))
-            rw = max(1, min(w, round(math.sqrt(area / aspect))))
-            top = int(torch.randint(0, h - rh + 1, (1,), generator=generator))
-            lft = int(torch.randint(0, w - rw + 1, (1,), generator=generator))
+            box = _block_rectangle(h, w, min(min_cells, left), min(max_cells, left), generator)
+            if box is None:
+                continue
+            top, lft, rh, rw = box
             new = 1 - hidden[top:top + rh, lft:lft + rw]
             if 0 < new.sum() <= left:
                 hidden[top:top + rh, lft:lft + rw] = 1
@@ -2461,6 +2466,20 @@ def global_known_mask(h: int, w: int, given: float, generator: torch.Generator |
             pick = cells[torch.randperm(len(cells), generator=generator)[:left]]
             hidden[pick[:, 0], pick[:, 1]] = 1
     return 1 - hidden
+
+
+def _block_rectangle(h: int, w: int, min_cells: int, max_cells: int,
+                     generator: torch.Generator | None) -> tuple[int, int, int, int] | None:
+    """One BEiT rectangle on an h x w grid: (top, left, height, width), or None when it is not strictly
+    smaller than the grid. Target area U(min_cells, max_cells), aspect log-uniform in [0.3, 1/0.3]."""
+    area = float(torch.empty(1).uniform_(min_cells, max(min_cells, max_cells), generator=generator))
+    aspect = math.exp(float(torch.empty(1).uniform_(math.log(0.3), math.log(1 / 0.3), generator=generator)))
+    rh, rw = max(1, round(math.sqrt(area * aspect))), max(1, round(math.sqrt(area / aspect)))
+    if rh >= h or rw >= w:
+        return None
+    top = int(torch.randint(0, h - rh + 1, (1,), generator=generator))
+    lft = int(torch.randint(0, w - rw + 1, (1,), generator=generator))
+    return top, lft, rh, rw
 
 
 def codes_for_given_ids(given_ids: Tensor, num_bits: int, generator: torch.Generator | None = None,

@@ -27,6 +27,19 @@ def test_global_mask_hides_exactly_the_budget_in_large_regions(given):
     assert int((m == 0).sum()) == round((1 - given) * 256)
 
 
+def test_global_mask_rectangles_are_the_official_generator_s():
+    """BEiT's rectangles: target area U(4/1024, 1/8) of the grid, strictly smaller than it both ways."""
+    g = torch.Generator().manual_seed(0)
+    boxes = [ldmseg._block_rectangle(32, 32, 4, 128, g) for _ in range(500)]
+    kept = [b for b in boxes if b is not None]
+    assert len(kept) > 400
+    for top, lft, rh, rw in kept:
+        assert 1 <= rh < 32 and 1 <= rw < 32 and top + rh <= 32 and lft + rw <= 32
+        assert rh * rw <= 1.5 * 128                                          # the target area, rounded
+    assert max(rh * rw for *_, rh, rw in kept) > 64
+    assert ldmseg._block_rectangle(4, 4, 16, 16, g) is None                  # the whole grid: never
+
+
 def test_known_cells_need_every_pixel_known():
     px = torch.zeros(16, 16, dtype=torch.bool)
     px[:8, :8] = True
