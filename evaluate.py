@@ -676,7 +676,9 @@ def depth_metrics(pred, target, valid=None) -> dict:
 # Sample the val split with a stage-2 checkpoint and score it like the files above. Predictions are
 # decoded at each image's original size and scored against the original-size ground truth, as
 # LDMSeg's evaluation does (logits resized bilinearly before the argmax) [LDMSeg brief §4.4];
-# they are also written as a COCO panoptic folder, so panopticapi can re-score them.
+# they are also written as a COCO panoptic folder, which this file's --gt-json / --pred-json mode
+# re-scores with --class-agnostic (every prediction has category 1, "segment": panopticapi, which has
+# no class-agnostic mode, needs the ground truth rewritten to that one category first).
 
 
 class Progress:
@@ -783,7 +785,19 @@ def _model_and_split(args: argparse.Namespace, kind: str, stage: str = "2"):
     cfg = ckpt["config"]
     ds = data.shapes_dataset(args.data or cfg["data"], args.split, size=cfg["image_size"])
     run = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
-    return model, ds, Path(args.out_dir or run / f"{kind}_{args.split}_{args.sampler}{args.steps}")
+    return model, ds, Path(args.out_dir or default_out_dir(run, kind, args, args.sampler, args.steps))
+
+
+def default_out_dir(run: Path, kind: str, args: argparse.Namespace, sampler: str, steps) -> Path:
+    """<run>/<kind>_<split>_<sampler><steps>, with what else changes the result appended (_n<limit>,
+    _seed<s>, _shift<t>, _clamp<on|off>, _text<s>, _map<s>): one evaluation never overwrites another's."""
+    name = f"{kind}_{args.split}_{sampler}{steps}"
+    for flag, unset, tag in (("limit", 0, "n"), ("seed", 0, "seed"), ("time_shift", None, "shift"),
+                             ("clamp_x0", None, "clamp"), ("text_scale", None, "text"), ("map_scale", None, "map")):
+        value = getattr(args, flag, unset)
+        if value != unset:
+            name += f"_{tag}{value}"
+    return run / name
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
@@ -842,7 +856,7 @@ def evaluate_inpainting(model, ds: data.PanopticDataset, *, mode: str, given: Se
             progress(j * n + i + 1)
         res = acc.compute()["All"]
         rows.append({"mode": mode, "given": g, "pq": res["pq"], "sq": res["sq"], "rq": res["rq"],
-                     "kept": kept / total if total else float("nan"), "images": n})
+                     "kept": kept / total if total else None, "images": n})   # None: nothing given
     return rows
 
 
@@ -902,8 +916,8 @@ def run_inpainting(args: argparse.Namespace) -> int:
     print("| mode | given | PQ | SQ | RQ | given ids kept |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['mode']} | {r['given']:.1f} | {100 * r['pq']:.1f} | {100 * r['sq']:.1f} | {100 * r['rq']:.1f} "
-              f"| {100 * r['kept']:.1f}% |" if r["given"] else
-              f"| {r['mode']} | 0.0 | {100 * r['pq']:.1f} | {100 * r['sq']:.1f} | {100 * r['rq']:.1f} | - |")
+              f"| {100 * r['kept']:.1f}% |" if r["kept"] is not None else
+              f"| {r['mode']} | {r['given']:.1f} | {100 * r['pq']:.1f} | {100 * r['sq']:.1f} | {100 * r['rq']:.1f} | - |")
     data.write_json(out / "inpainting.json", rows)
     plot_curves(rows, out / "inpainting.png")
     print(f"{rows[0]['images']} {args.split} images, {args.sampler} {args.steps} steps, {time.time() - t0:.0f}s; "
@@ -1704,11 +1718,14 @@ def _cogen_image_autoencoder(ckpt: dict, image_vae: str = ""):
     run = image_vae or cfg.get("image_vae") or train.resolve(
         train.TrainConfig(stage="vae", preset=cfg.get("preset", "shapes"))).out_dir
     if not train._is_run(run):
+        if image_vae:                                         # named by the user: an error, not a skipped metric
+            raise SystemExit(f"--image-vae {image_vae}: not a --stage vae run (a run folder with ckpt.pt, or its file)")
         return None, f"{run} is not a --stage vae run"
     vae = train.load_checkpoint(run, "vae")
     config, weights, source = vae["model_config"], vae["ema"] or vae["model"], f"the --stage vae run {run}"
-    ae = ldmseg.ImageAutoencoder(ldmseg.ImageAEConfig(**config))
-    ae.load_state_dict(weights)
+    with train.weights_must_fit(run):
+        ae = ldmseg.ImageAutoencoder(ldmseg.ImageAEConfig(**config))
+        ae.load_state_dict(weights)
     return ae.requires_grad_(False).eval(), source
 
 
@@ -1796,7 +1813,7 @@ def run_cogen(args: argparse.Namespace) -> int:
     model, image_ae, ds, run = _cogen_model_and_split(args)
     c, device = model.config, next(model.parameters()).device
     sampler, steps = args.sampler or c.sampler, args.steps or c.sample_steps
-    out = Path(args.out_dir or run / f"cogen_{args.split}_{sampler}{steps}")
+    out = Path(args.out_dir or default_out_dir(run, "cogen", args, sampler, steps))
     seg_model, seg_size, inception = _cogen_helpers(args, device)
     res = evaluate_cogen(model, ds, steps=steps, sampler=sampler, seed=args.seed, limit=args.limit,
                          batch_size=args.batch_size, image_ae=image_ae, seg_model=seg_model,
@@ -1870,12 +1887,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ldmseg.py section 10); default: the checkpoint's (0.1); 0 = nearest")
     c.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     c.add_argument("--out-dir", default="",
-                   help="where outputs go; default: <run>/{eval,inpaint,multitask,cogen}_<split>_<sampler><steps>")
+                   help="where outputs go; default: <run>/{eval,inpaint,multitask,cogen}_<split>_<sampler><steps>, "
+                        "plus _n<limit>, _seed<s>, ... for the flags that change the result")
     c.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda")
     g = p.add_argument_group("co-generation (--task cogen)")
     g.add_argument("--seg-ckpt", default="", help="LDMSeg stage-2 run that segments the generated images for the "
                    "image-map consistency PQ; without it consistency is skipped")
-    g.add_argument("--seg-steps", type=int, default=50, help="DDIM steps of that segmentation")
+    g.add_argument("--seg-steps", type=positive_int, default=50, help="DDIM steps of that segmentation")
     g.add_argument("--text-scale", type=float, default=None,
                    help="text guidance (1 = none); default: the checkpoint's (2, PDM's s = 1)")
     g.add_argument("--map-scale", type=float, default=None, help="map guidance (1 = none); default: the checkpoint's")
@@ -1884,7 +1902,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-vae", default="", help="a --stage vae run to decode the generated latents with; "
                    "default: the autoencoder the checkpoint carries (else its image_vae run, else "
                    "runs/<preset>/vae)")
-    g.add_argument("--min-area", type=int, default=0,
+    g.add_argument("--min-area", type=count_arg, default=0,
                    help="caption agreement: smallest map component counted as a thing, in map pixels "
                         "(0 = 1/1024 of the map)")
     return p

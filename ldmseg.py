@@ -1222,8 +1222,8 @@ class UNet(nn.Module):
 # (nearest-downsampled) id is void masked out [LDMSeg brief §3.3].
 #
 # Written in x0 terms, that loss is min(SNR_t, gamma) * |x0_pred - x0|^2: below SNR = gamma
-# (t >= 250 of the scaled-linear schedule's 1000) the error of the clean latent counts in
-# proportion to SNR_t -- at t = 999 about 1/400 of what it counts at t <= 250. Yet
+# (t >= 255 of the scaled-linear schedule's 1000) the error of the clean latent counts in
+# proportion to SNR_t -- at t = 999 about 1/400 of what it counts at t < 255. Yet
 # the high-noise steps are where the sampler decides which segments exist: there z_t says almost
 # nothing and only the image can. A model trained from scratch for minutes learns those steps last.
 # `prediction="x0"` is the other choice: the UNet outputs x0 and the loss is |x0_pred - x0|^2 with
@@ -2633,16 +2633,22 @@ def near_cells(known: Tensor) -> Tensor:
 
 def codes_to_user_ids(pred: Tensor, table: dict[int, int]) -> Tensor:
     """Decoded codes (H, W) -> the user's ids via `table` {user id: code}; other codes get fresh ids
-    above every given id (so a new segment never merges with a given one); 0 stays void."""
+    above every given id (so a new segment never merges with a given one); 0 stays void. Where that
+    would pass the largest id a COCO panoptic PNG holds (256^3 - 1: a given segment painted white),
+    the fresh ids are the smallest ones no given segment uses."""
     back = {c: u for u, c in table.items()}
-    fresh = max(list(table) + [0]) + 1
+    new_codes = [c for c in pred.unique().tolist() if c and c not in back]
+    start = max(list(table) + [0]) + 1
+    if start + len(new_codes) <= 256 ** 3:
+        fresh = iter(range(start, start + len(new_codes)))
+    else:
+        fresh = (i for i in range(1, 256 ** 3) if i not in table)
     out = torch.zeros_like(pred)
     for c in pred.unique().tolist():
         if c in back:
             out[pred == c] = back[c]
         elif c:
-            out[pred == c] = fresh
-            fresh += 1
+            out[pred == c] = next(fresh)
     return out
 
 

@@ -1079,6 +1079,11 @@ def _inputs(args, train_cfg: dict):
     import data
     size = train_cfg["image_size"]
     if args.image:
+        stems = [Path(p).stem for p in args.image]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:                             # the outputs are named by stem: one would overwrite the other
+            raise SystemExit(f"--image: several inputs named {twice[0]}.* (their outputs would overwrite each "
+                             f"other); rename them or sample them in separate runs")
         for k, path in enumerate(args.image):
             im = data.read_image(path)
             x = np.asarray(im.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1.0
@@ -1150,7 +1155,7 @@ def _read_known(args, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     for flag, path in (("--known-map", args.known_map), ("--known-mask", args.known_mask)):
         if path and not Path(path).is_file():
             raise SystemExit(f"{flag} {path}: no such file")
-    with Image.open(args.known_map) as im:
+    with _open_image("--known-map", args.known_map) as im:
         colour = len(im.getbands()) > 1 or im.mode == "P"
         arr = np.asarray(im.convert("RGB")) if colour else np.asarray(im)
     ids = data.rgb2id(arr) if colour else arr.astype(np.int64)
@@ -1159,7 +1164,7 @@ def _read_known(args, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         ids = data.nearest_resize(ids, size)
     known = ids > 0
     if args.known_mask:
-        with Image.open(args.known_mask) as im:
+        with _open_image("--known-mask", args.known_mask) as im:
             known = data.nearest_resize(np.asarray(im.convert("L")) > 127, size) & known
     return np.where(known, ids, 0), known
 
@@ -1207,13 +1212,22 @@ def inpaint_image(args, model, train_cfg: dict, device) -> Path:
     return out
 
 
+def _open_image(flag: str, path):
+    """PIL's Image.open, with one clear error for a file that is not an image."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise SystemExit(f"{flag} {path}: not a readable image ({exc})") from None
+
+
 def _read_category_map(path: str, config) -> Tensor:
     """--map: a single-channel PNG of category ids (0 = void) -> (1, H, W) int64, checked against the model."""
     import numpy as np
     from PIL import Image
     if not Path(path).is_file():
         raise SystemExit(f"--map {path}: no such file")
-    with Image.open(path) as im:
+    with _open_image("--map", path) as im:
         if im.mode not in ("L", "I", "I;16"):
             raise SystemExit(f"--map {path}: a PNG of mode {im.mode}; expected a single-channel PNG whose pixel "
                              f"values are category ids (0 = void), as the *_map.png files of --task cogen. A COCO "

@@ -405,3 +405,15 @@ def test_progress_writes_at_most_a_line_per_interval_and_a_last_one(capsys, monk
     quick = evaluate.Progress("inpainting, sparse masks", 2, every=30.0)
     quick(1), quick(2)
     assert capsys.readouterr().err == ""                          # shorter than the interval: silent
+
+
+def test_default_output_folders_name_what_changes_the_result(tmp_path):
+    """A quick --limit check never overwrites a full evaluation's files, nor one seed another's."""
+    import argparse
+    args = lambda **kw: argparse.Namespace(**{"split": "val", "limit": 0, "seed": 0, "time_shift": None,
+                                              "clamp_x0": None, **kw})
+    assert evaluate.default_out_dir(tmp_path, "eval", args(), "ddim", 50) == tmp_path / "eval_val_ddim50"
+    assert (evaluate.default_out_dir(tmp_path, "eval", args(limit=10, seed=2, clamp_x0="off"), "dpm++", 20)
+            == tmp_path / "eval_val_dpm++20_n10_seed2_clampoff")
+    with pytest.raises(SystemExit):                                         # argparse: a positive count
+        evaluate.main(["--ckpt", str(tmp_path), "--task", "cogen", "--seg-steps", "0"])

@@ -321,7 +321,7 @@ def test_cli_cogen_writes_metrics_and_says_what_it_skipped(shapes, tmp_path, cap
     assert (tmp_path / "out" / "grid.png").exists()
     assert metrics["text_scale"] == model.config.text_scale
     assert evaluate.main(args + ["--limit", "1", "--image-vae", vae, "--text-scale", "3"]) == 0   # default folder: <run>/cogen_val_...
-    metrics = json.loads((tmp_path / "cogen" / f"cogen_val_{model.config.sampler}2" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "cogen" / f"cogen_val_{model.config.sampler}2_n1_text3.0" / "metrics.json").read_text())
     assert metrics["text_scale"] == 3.0
     out = capsys.readouterr().out
     assert "consistency PQ skipped" in out and "--stage vae run" in out
@@ -331,3 +331,11 @@ def test_cli_cogen_writes_metrics_and_says_what_it_skipped(shapes, tmp_path, cap
         evaluate.main(["--ckpt", seg, "--inception", "x.pth"])          # cogen flags need --task cogen
     with pytest.raises(SystemExit):
         evaluate.main(["--ckpt", seg, "--text-scale", "3"])
+
+
+def test_an_image_vae_named_by_the_user_that_is_no_vae_run_is_an_error(tmp_path):
+    ae = tiny_image_ae()
+    ckpt = {"config": {"preset": "tiny"}, "image_ae": {"config": dataclasses.asdict(ae.config), "weights": ae.state_dict()}}
+    with pytest.raises(SystemExit, match="--image-vae .*nowhere: not a --stage vae run"):
+        evaluate._cogen_image_autoencoder(ckpt, str(tmp_path / "nowhere"))
+    assert evaluate._cogen_image_autoencoder(ckpt)[1] == "the checkpoint's own autoencoder"

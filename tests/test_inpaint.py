@@ -232,6 +232,9 @@ def test_new_segments_get_fresh_ids_that_never_collide_with_given_ones():
     out = ldmseg.codes_to_user_ids(pred, {1000: 3, 5: 12})
     assert out[0, 0] == 1000 and out[1, 0] == 0
     assert {out[0, 2].item(), out[1, 1].item()} == {1001, 1002}
+    white = 256 ** 3 - 1                                                     # a given segment painted white
+    out = ldmseg.codes_to_user_ids(pred, {white: 3, 1: 12})
+    assert out[0, 0] == white and {out[0, 2].item(), out[1, 1].item()} == {2, 3}   # still a valid PNG id
 
 
 def test_clean_known_region_is_pasted_unchanged_at_every_step():

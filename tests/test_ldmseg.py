@@ -483,6 +483,21 @@ def test_sample_cli_writes_maps_overlays_trajectory_and_coco_predictions(stage2_
     data.check_annotation(ids, pred["annotations"][0]["segments_info"], "prediction")
 
 
+def test_sample_cli_refuses_inputs_whose_outputs_would_overwrite_each_other(stage2_run, tmp_path):
+    root, shapes, _ = stage2_run
+    img = next((shapes / "val").iterdir())
+    (tmp_path / "copy").mkdir()
+    twin = tmp_path / "copy" / img.name
+    twin.write_bytes(img.read_bytes())
+    with pytest.raises(SystemExit, match=f"several inputs named {img.stem}"):
+        sample.main(["--task", "panoptic", "--ckpt", str(root / "s2"), "--image", str(img), str(twin),
+                     "--steps", "2", "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    (tmp_path / "map.png").write_text("not an image")
+    with pytest.raises(SystemExit, match="--known-map .*map.png: not a readable image"):
+        sample.main(["--task", "inpaint", "--ckpt", str(root / "s2"), "--image", str(img), "--known-map",
+                     str(tmp_path / "map.png"), "--steps", "2", "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+
+
 def test_evaluate_cli_samples_the_val_split_and_writes_files_panopticapi_reads(stage2_run, tmp_path, capsys):
     import evaluate
     root, shapes, _ = stage2_run
