@@ -87,7 +87,7 @@ class TrainConfig:
     """Every training flag; `python train.py --help` lists them with their defaults."""
     stage: str = "1"                 # which stage to train: vae | 1 | 2 | all (= 2 and what it needs) | cogen (PDM) | t2i (PDM's image stream) | multitask (LDMSeg §6)
     preset: str = "shapes"           # model / data sizes: tiny | shapes | coco
-    data: str = "data/shapes"        # COCO-format panoptic folder; Shapes is written there if missing
+    data: str = "data/shapes"        # COCO-format panoptic folder; Shapes is written there if missing (tiny / shapes presets)
     out_dir: str = ""                # run folder; default runs/<preset>/<stage>
     image_size: int = 0              # training resolution; 0 = the preset's
     crop: int = -1                   # random training crop side (autoencoders); -1 = the preset's, 0 = none
@@ -653,7 +653,12 @@ class Stage:
                 data.shapes_dataset(root, "val", train=False, **kw))
 
     def data_root(self) -> Path:
-        return data.ensure_shapes(self.cfg.data, size=max(self.cfg.image_size, 128), num_train=self.cfg.num_train,
+        root = Path(self.cfg.data)
+        if self.cfg.preset == "coco" and not (root.is_dir() and any(root.iterdir())):
+            raise SystemExit(f"--data {root}: no such folder, or an empty one; the coco preset trains on COCO 2017 "
+                             f"panoptic there (README, Real Stable Diffusion weights). Shapes is written to a missing "
+                             f"--data only for the tiny and shapes presets")
+        return data.ensure_shapes(root, size=max(self.cfg.image_size, 128), num_train=self.cfg.num_train,
                                   num_val=self.cfg.num_val, seed=0, log=self.log)
 
     def max_segments(self) -> int | None:

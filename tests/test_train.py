@@ -151,6 +151,13 @@ def test_step_generators_of_different_ranks_never_replay_each_other():
         train.resolve(train.TrainConfig(stage="1", seed=-1))
 
 
+def test_the_coco_preset_never_writes_shapes_where_its_data_is_missing(tmp_path):
+    cfg = train.resolve(train.TrainConfig(stage="1", preset="coco", data=str(tmp_path / "typo")))
+    with pytest.raises(SystemExit, match="typo: no such folder, or an empty one; the coco preset trains on COCO"):
+        train.STAGES["1"](cfg, torch.device("cpu"), train.Logger(None, False)).data_root()
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_bare_cuda_device_under_torchrun_is_the_process_s_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert train.pick_device("cuda") == torch.device("cuda", 1)
