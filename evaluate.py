@@ -1936,18 +1936,36 @@ def run_files(args: argparse.Namespace) -> int:
     return 0
 
 
-def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """The mode the flags ask for: one run_* function per way of obtaining predictions."""
+# Flags that only one way of evaluating reads: given to another, they are refused, not ignored.
+FILES_FLAGS = ("gt_dir", "pred_dir", "class_agnostic", "all_crowd", "workers", "out")
+INPAINT_FLAGS = ("mode", "given", "resample", "fill_width", "fit_steps", "guide_steps")
+COGEN_FLAGS = ("seg_ckpt", "seg_steps", "text_scale", "map_scale", "inception", "image_vae", "min_area")
+CKPT_FLAGS = ("ckpt", "task", "data", "split", "limit", "sampler", "steps", "batch_size", "time_shift", "clamp_x0",
+              "depth_guide_sigma", "seed", "out_dir", "device") + INPAINT_FLAGS + COGEN_FLAGS
+
+
+def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str] | None = None):
+    """The mode the flags ask for: one run_* function per way of obtaining predictions.
+
+    given: the flags named on the command line (sample.given_flags); a flag another mode reads is refused.
+    """
+    from sample import refuse_ignored
+    given = set() if given is None else given
     if args.gt_json or args.pred_json:
         if not (args.gt_json and args.pred_json):
             parser.error("--gt-json and --pred-json go together")
+        refuse_ignored(parser, given, CKPT_FLAGS, "--ckpt (a trained model), not to --gt-json / --pred-json")
         return run_files
+    refuse_ignored(parser, given, FILES_FLAGS, "--gt-json / --pred-json (COCO-format files), not to --ckpt")
+    if args.task != "inpaint":
+        refuse_ignored(parser, given, INPAINT_FLAGS, "--task inpaint")
     if args.ckpt and args.task == "cogen":
         if args.sampler == "ddpm":
             parser.error("--task cogen samples with dpm++ or ddim")
         return run_cogen
     if args.seg_ckpt or args.inception or args.image_vae or args.text_scale is not None or args.map_scale is not None:
         parser.error("--seg-ckpt, --inception, --image-vae, --text-scale and --map-scale belong to --ckpt ... --task cogen")
+    refuse_ignored(parser, given, COGEN_FLAGS, "--task cogen")
     if args.ckpt:
         args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
         if _is_multitask_checkpoint(args.ckpt):
@@ -1968,7 +1986,8 @@ def _is_multitask_checkpoint(path: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    mode = choose_mode(parser, args)
+    from sample import given_flags
+    mode = choose_mode(parser, args, given_flags(parser, argv))
     try:
         return mode(args)
     except (PanopticFormatError, FIDWeightsError) as exc:   # bad input: one line naming the file, no traceback

@@ -1410,8 +1410,44 @@ def multitask_images(args, device) -> Path:
     return out
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests named on the command line: the arguments parsed again with every default suppressed."""
+    import argparse
+    import copy
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def refuse_ignored(parser: argparse.ArgumentParser, given: set[str], flags, where: str) -> None:
+    """parser.error naming those of `flags` that were given, when `where` is the only place they act:
+    a flag the chosen task would ignore is refused, not silently dropped."""
+    named = [f"--{f.replace('_', '-')}" for f in flags if f in given]
+    if named:
+        parser.error(f"{', '.join(named)} {'belongs' if len(named) == 1 else 'belong'} to {where}")
+
+
+INPAINT_FLAGS = ("known_map", "known_mask", "clean_known", "resample", "fill_width", "fit_steps", "guide_steps")
+COGEN_FLAGS = ("prompt", "num", "text_scale", "map_scale", "map")
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse the flags the chosen task (or input) would ignore."""
+    if args.task != "inpaint":
+        refuse_ignored(parser, given, INPAINT_FLAGS, "--task inpaint")
+    if args.task != "cogen":
+        refuse_ignored(parser, given, COGEN_FLAGS, "--task cogen")
+    else:
+        refuse_ignored(parser, given, ("image", "split", "data", "limit"), "the segmentation tasks, not --task cogen")
+    if args.image and given & {"split", "data", "limit"}:
+        parser.error("--split, --data and --limit choose images from a dataset split: give them or --image, not both")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args, given_flags(parser, argv))
     import train
     import ldmseg
     device = train.pick_device(args.device)

@@ -417,3 +417,15 @@ def test_default_output_folders_name_what_changes_the_result(tmp_path):
             == tmp_path / "eval_val_dpm++20_n10_seed2_clampoff")
     with pytest.raises(SystemExit):                                         # argparse: a positive count
         evaluate.main(["--ckpt", str(tmp_path), "--task", "cogen", "--seg-steps", "0"])
+
+
+@pytest.mark.parametrize("argv, where", [
+    (["--ckpt", "RUN", "--workers", "2"], "--workers belongs to --gt-json / --pred-json"),
+    (["--ckpt", "RUN", "--mode", "sparse", "--fit-steps", "3"], "--mode, --fit-steps belong to --task inpaint"),
+    (["--ckpt", "RUN", "--seg-steps", "5"], "--seg-steps belongs to --task cogen"),
+    (["--gt-json", "a.json", "--pred-json", "b.json", "--limit", "3"], "--limit belongs to --ckpt"),
+])
+def test_a_flag_the_chosen_mode_would_ignore_is_refused(argv, where, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(argv)
+    assert where in capsys.readouterr().err

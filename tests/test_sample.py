@@ -366,3 +366,15 @@ def test_known_region_on_one_part_of_a_tuple_state_leaves_the_other_free(schedul
         prediction=("eps", "x0"), noise_scale=(1.0, 2.0),
         known=(None, KnownRegion(z_map, torch.ones(1, 1, 4, 4), clean=True)))
     assert torch.equal(map_, z_map) and img.shape == (2, 4, 2, 2)
+
+
+@pytest.mark.parametrize("argv, where", [
+    (["--task", "panoptic", "--ckpt", "RUN", "--image", "a.png", "--prompt", "a red circle"], "--prompt belongs to --task cogen"),
+    (["--task", "panoptic", "--ckpt", "RUN", "--image", "a.png", "--known-map", "m.png"], "--known-map belongs to --task inpaint"),
+    (["--task", "panoptic", "--ckpt", "RUN", "--image", "a.png", "--split", "val"], "give them or --image, not both"),
+    (["--task", "cogen", "--ckpt", "RUN", "--prompt", "a red circle", "--image", "a.png"], "--image belongs to the segmentation"),
+])
+def test_a_flag_the_chosen_task_would_ignore_is_refused(argv, where, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(argv)
+    assert where in capsys.readouterr().err
