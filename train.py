@@ -775,8 +775,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     cfg, notes = resume_settings(cfg, given) if cfg.resume else (resolve(cfg), [])
     run_dir = Path(cfg.out_dir)
     if not cfg.resume and (run_dir / "ckpt.pt").exists():       # never train over a run: nothing is lost
-        raise SystemExit(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or start "
-                         f"a new one with another --out-dir (or delete the folder first)")
+        raise SystemExit(_occupied(run_dir))
     device = pick_device(cfg.device)
     dist = init_distributed(device)
     if dist.main:
@@ -811,6 +810,19 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     if step < cfg.max_steps:                                   # --stop-after: no final evaluation yet
         return {}
     return _finish(cfg, stage, model, opt, ema, val_ds, dist, run_dir, log, step)
+
+
+def _occupied(run_dir: Path) -> str:
+    """The message for a run folder that already holds a checkpoint: what the user can do with it."""
+    try:
+        ckpt = torch.load(run_dir / "ckpt.pt", map_location="meta", weights_only=True)
+        step, done = ckpt.get("step"), bool(ckpt.get("metrics"))
+    except Exception:
+        step, done = None, False
+    held = f"a finished run (step {step})" if done else f"a run stopped at step {step}" if step is not None else "a run"
+    todo = (f"train it longer with --resume {run_dir} --max-steps N" if done else f"continue it with --resume {run_dir}")
+    return (f"{run_dir} already holds {held}: {todo}, or start a new one with another --out-dir "
+            f"(or delete the folder first)")
 
 
 def _maybe_resume(cfg, model, opt, ema, log) -> int:

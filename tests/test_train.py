@@ -124,9 +124,13 @@ def test_a_run_folder_is_never_trained_over(shapes32, tmp_path):
     run = tmp_path / "run"
     train.main(_args(shapes32, run, "vae", "--max-steps", "2"))
     before = (run / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a run: continue it with --resume"):
+    with pytest.raises(SystemExit, match=r"already holds a finished run \(step 2\): train it longer with --resume"):
         train.main(_args(shapes32, run, "vae", "--max-steps", "1"))
     assert (run / "ckpt.pt").read_bytes() == before
+    stopped = tmp_path / "stopped"
+    train.main(_args(shapes32, stopped, "vae", "--max-steps", "4", "--stop-after", "1"))
+    with pytest.raises(SystemExit, match=r"already holds a run stopped at step 1: continue it with --resume"):
+        train.main(_args(shapes32, stopped, "vae", "--max-steps", "4"))
 
 
 def test_an_ema_turned_on_at_resume_starts_from_the_loaded_weights(shapes32, tmp_path):
