@@ -1073,7 +1073,11 @@ def build_parser() -> "argparse.ArgumentParser":
 
 
 def _inputs(args, train_cfg: dict):
-    """Yield (file_name, image_id, image tensor (3, S, S) in [-1, 1], original (H, W)) per input."""
+    """Yield (file_name, image_id, image tensor (3, S, S) in [-1, 1], original (H, W), picture) per input.
+
+    picture: (H, W, 3) uint8, the image at its own size for overlays -- the file itself for --image; a
+    split's items come at the model's size, so there it is that tensor resized (bicubic) to (H, W).
+    """
     import numpy as np
     from PIL import Image
     import data
@@ -1087,12 +1091,15 @@ def _inputs(args, train_cfg: dict):
         for k, path in enumerate(args.image):
             im = data.read_image(path)
             x = np.asarray(im.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1.0
-            yield Path(path).name, k, torch.from_numpy(x).permute(2, 0, 1), (im.height, im.width)
+            yield Path(path).name, k, torch.from_numpy(x).permute(2, 0, 1), (im.height, im.width), np.asarray(im)
         return
     ds = data.shapes_dataset(args.data or train_cfg["data"], args.split, size=size)
     for i in range(len(ds) if not args.limit else min(args.limit, len(ds))):
         item = ds[i]
-        yield item["file_name"], item["image_id"], item["image"], item["orig_size"]
+        orig = item["orig_size"]
+        picture = np.asarray(Image.fromarray(((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255)
+                                             .astype(np.uint8)).resize(orig[::-1], Image.BICUBIC))
+        yield item["file_name"], item["image_id"], item["image"], orig, picture
 
 
 def _trajectory_strip(model, rgb: "np.ndarray", frames: list, size) -> "np.ndarray":
@@ -1124,15 +1131,13 @@ def segment_images(args, model, train_cfg: dict, device) -> Path:
     out = Path(args.out_dir)
     writer = data.PanopticWriter(out)
     gen = torch.Generator().manual_seed(args.seed)
-    for file_name, image_id, x, orig in _inputs(args, train_cfg):
+    for file_name, image_id, x, orig, rgb in _inputs(args, train_cfg):
         frames: list = []
         keep = set(np.linspace(0, args.steps - 1, 8).round().astype(int).tolist())
         cb = (lambda i, t, x_t, x0: frames.append((t, x0)) if i in keep else None) if args.save_trajectory else None
         ids = ldmseg.segment(model, x[None].to(device), sampler=args.sampler, steps=args.steps,
                              generator=gen, callback=cb, size=orig)[0].cpu().numpy()
         writer.add(file_name, image_id, ids)
-        rgb = np.asarray(Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8))
-                         .resize(orig[::-1], Image.BICUBIC))
         stem = Path(file_name).stem
         Image.fromarray(data.colorize(ids)).save(out / f"{stem}_color.png")
         Image.fromarray(data.overlay(rgb, ids)).save(out / f"{stem}_overlay.png")
@@ -1378,7 +1383,7 @@ def multitask_images(args, device) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     writer = data.PanopticWriter(out, categories) if args.task == "panoptic" else None
     gen = torch.Generator().manual_seed(args.seed)
-    for file_name, image_id, x, orig in _inputs(args, ckpt["config"]):
+    for file_name, image_id, x, orig, rgb in _inputs(args, ckpt["config"]):
         pred = ldmseg.predict_tasks(model, x[None].to(device), tasks, sampler=args.sampler, steps=args.steps,
                                     generator=gen, size=orig)
         pred = {k: v[0].cpu() for k, v in pred.items()}                     # (H, W) each
@@ -1386,8 +1391,6 @@ def multitask_images(args, device) -> Path:
         if args.task == "panoptic":
             merged, info = ldmseg.merge_panoptic(pred["instance"], pred["semantic"], categories)
             writer.add(file_name, image_id, merged.numpy(), {s["id"]: s["category_id"] for s in info})
-            rgb = np.asarray(Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8))
-                             .resize(orig[::-1], Image.BICUBIC))
             Image.fromarray(data.colorize(merged)).save(out / f"{stem}_color.png")
             Image.fromarray(data.overlay(rgb, merged.numpy())).save(out / f"{stem}_overlay.png")
             print(f"{file_name}: " + (", ".join(names[s["category_id"]] for s in info) or "(no segment)"))
