@@ -1861,23 +1861,19 @@ STAGES: dict[str, type[Stage]] = {"vae": ImageAEStage, "1": MaskAEStage, "2": LD
 # -----------------------------------------------------------------------------
 
 
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """Flags generated from TrainConfig: kebab-case names, the field comment as help, defaults shown.
-
-    suppress_defaults: parse only the flags given (given_flags).
-    """
+def build_parser() -> argparse.ArgumentParser:
+    """Flags generated from TrainConfig: kebab-case names, the field comment as help, defaults shown."""
     p = argparse.ArgumentParser(description="Train a stage of LDMSeg / PDM.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     comments = _field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, f.name)
-        default = argparse.SUPPRESS if suppress_defaults else f.default
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=default, help=help_text)
+            p.add_argument(flag, type=typ, default=f.default, help=help_text)
     return p
 
 
@@ -1901,16 +1897,13 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
-def given_flags(argv: list[str] | None) -> set[str]:
-    """The TrainConfig fields named on the command line (argparse with every default suppressed)."""
-    return set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    from sample import given_flags
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
-        return train(cfg, given_flags(argv))
+        return train(cfg, given_flags(parser, argv))
     except (data.PanopticFormatError, CheckpointWriteError) as exc:   # bad data, full disk: the message, no traceback
         raise SystemExit(f"error: {exc}") from None
 
