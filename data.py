@@ -102,14 +102,16 @@ def write_panoptic_png(path: str | os.PathLike, ids: np.ndarray) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """json.load with an error that names the file."""
+    """json.load with an error that names the file. JSON is UTF-8 (RFC 8259), whatever the locale."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise PanopticFormatError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PanopticFormatError(f"{path}: not valid JSON ({exc})") from None
+    except IsADirectoryError:
+        raise PanopticFormatError(f"{path}: a folder, not a JSON file") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

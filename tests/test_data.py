@@ -333,3 +333,12 @@ def test_real_coco_sample_loads_when_present():
     ds = data.shapes_dataset(root, "val", size=64)
     item = ds[0]
     assert item["image"].shape == (3, 64, 64) and item["caption"]
+
+
+def test_a_json_that_is_not_text_or_is_a_folder_is_one_error_naming_it(tmp_path):
+    (tmp_path / "latin1.json").write_bytes(b'{"name": "caf\xe9"}')                  # not UTF-8
+    with pytest.raises(data.PanopticFormatError, match="latin1.json: not valid JSON"):
+        data.read_json(tmp_path / "latin1.json")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(data.PanopticFormatError, match="folder.json: a folder, not a JSON file"):
+        data.read_json(tmp_path / "folder.json")
