@@ -1944,13 +1944,12 @@ CKPT_FLAGS = ("ckpt", "task", "data", "split", "limit", "sampler", "steps", "bat
               "depth_guide_sigma", "seed", "out_dir", "device") + INPAINT_FLAGS + COGEN_FLAGS
 
 
-def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str] | None = None):
+def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]):
     """The mode the flags ask for: one run_* function per way of obtaining predictions.
 
     given: the flags named on the command line (sample.given_flags); a flag another mode reads is refused.
     """
     from sample import refuse_ignored
-    given = set() if given is None else given
     if args.gt_json or args.pred_json:
         if not (args.gt_json and args.pred_json):
             parser.error("--gt-json and --pred-json go together")
@@ -1963,8 +1962,6 @@ def choose_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, given
         if args.sampler == "ddpm":
             parser.error("--task cogen samples with dpm++ or ddim")
         return run_cogen
-    if args.seg_ckpt or args.inception or args.image_vae or args.text_scale is not None or args.map_scale is not None:
-        parser.error("--seg-ckpt, --inception, --image-vae, --text-scale and --map-scale belong to --ckpt ... --task cogen")
     refuse_ignored(parser, given, COGEN_FLAGS, "--task cogen")
     if args.ckpt:
         args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
